@@ -1,0 +1,165 @@
+"""Reader protocol, normalised slide metadata and the backend registry.
+
+A *backend* (openslide, tiffslide, plain image, ...) is a class implementing
+:class:`SlideBackend`; it registers itself with :func:`register_backend`. Users never
+touch backends directly: :func:`wsi_pipeline.slide.open_slide` returns a :class:`Slide`,
+which picks a backend (``auto`` probes by priority and falls back), keeps one handle per
+process (safe to pickle into DataLoader workers under fork and spawn) and reopens once
+after a read error, because OpenSlide errors are sticky.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import MissingMppError
+
+_logger = logging.getLogger(__name__)
+
+#: Relative tolerance when deciding whether a pyramid level is fine enough for a target mpp.
+MPP_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """Normalised metadata of one slide, whatever the backend.
+
+    ``level_dimensions`` are (width, height) per level; ``level_downsamples`` are relative
+    to level 0. ``mpp_x``/``mpp_y`` are µm per level-0 pixel, or ``None`` when the file
+    does not say; ``mpp_source`` names where they came from (a property key such as
+    ``openslide.mpp-x`` or ``aperio.MPP``, ``tiff.XResolution``, ``csv``, ``default`` or
+    ``none``).
+    """
+
+    path: str
+    backend: str
+    backend_version: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp_x: float | None = None
+    mpp_y: float | None = None
+    mpp_source: str = "none"
+    objective_power: float | None = None
+    vendor: str | None = None
+    properties: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height)."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def mpp(self) -> float:
+        """Mean level-0 µm/px; raises :class:`MissingMppError` when unknown."""
+        if self.mpp_x is None or self.mpp_y is None:
+            raise MissingMppError(
+                f"{self.path}: slide has no physical resolution (mpp); "
+                "give --mpp-csv (slide,mpp) or --default-mpp"
+            )
+        return (self.mpp_x + self.mpp_y) / 2.0
+
+    def with_mpp(self, mpp: float, source: str) -> SlideInfo:
+        """A copy with the resolution set from an override (``csv``/``default``)."""
+        return dataclasses.replace(self, mpp_x=float(mpp), mpp_y=float(mpp), mpp_source=source)
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, target_mpp: float, tolerance: float = MPP_TOLERANCE) -> int:
+        """The level with the largest mpp that is still ≤ ``target_mpp`` (relative tolerance).
+
+        Falls back to level 0 when even level 0 is coarser than the target (upsampling).
+        """
+        best = 0
+        for level in range(self.level_count):
+            if self.level_mpp(level) <= target_mpp * (1.0 + tolerance):
+                if self.level_mpp(level) >= self.level_mpp(best):
+                    best = level
+        return best
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly summary (used by ``wsi-pipeline info``)."""
+        d = dataclasses.asdict(self)
+        d.pop("properties")
+        d["level_dimensions"] = [list(x) for x in self.level_dimensions]
+        d["level_downsamples"] = list(self.level_downsamples)
+        return d
+
+
+@runtime_checkable
+class SlideBackend(Protocol):
+    """What one backend must provide. Instances own a native handle for one process."""
+
+    name: ClassVar[str]
+
+    def __init__(self, path: str) -> None: ...
+
+    @property
+    def info(self) -> SlideInfo: ...
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 array (h, w, 3); ``location`` is the level-0 top-left (x, y),
+        ``size`` is (w, h) at ``level``. Alpha is composited on white; out-of-bounds
+        pixels are white."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Registry entry: lower ``priority`` is tried first by ``auto``."""
+
+    name: str
+    factory: Callable[[str], SlideBackend]
+    priority: int
+    extensions: frozenset[str]
+    is_available: Callable[[], bool]
+    version: Callable[[], str]
+
+
+_BACKENDS: dict[str, BackendSpec] = {}
+
+
+def register_backend(
+    name: str,
+    factory: Callable[[str], SlideBackend],
+    *,
+    priority: int,
+    extensions: set[str] | frozenset[str],
+    is_available: Callable[[], bool],
+    version: Callable[[], str],
+) -> None:
+    """Add a backend to the registry (idempotent for the same name)."""
+    _BACKENDS[name] = BackendSpec(
+        name, factory, priority, frozenset(e.lower() for e in extensions), is_available, version
+    )
+
+
+def registered_backends() -> list[BackendSpec]:
+    """All registered backends, in ``auto`` probing order."""
+    return sorted(_BACKENDS.values(), key=lambda s: (s.priority, s.name))
+
+
+def get_backend(name: str) -> BackendSpec:
+    return _BACKENDS[name]
+
+
+def downsample_size(size_level0: float, downsample: float) -> int:
+    """Pixels at a level covering ``size_level0`` level-0 pixels (at least 1)."""
+    return max(1, int(round(size_level0 / downsample)))
+
+
+def is_finite_positive(x: float | None) -> bool:
+    return x is not None and math.isfinite(x) and x > 0

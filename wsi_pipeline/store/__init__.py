@@ -1,0 +1,1 @@
+"""Output files: atomic writes, the status table, coords and feature stores."""
