@@ -1,0 +1,186 @@
+"""The embed stage: features equal a plain per-patch computation; resume, stores, context, workers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from slide_factory import make_slide
+from wsi_pipeline.config import TilingConfig
+from wsi_pipeline.embed.dataset import normalize, resize_patches
+from wsi_pipeline.embed.regions import plan_regions, read_region_patches
+from wsi_pipeline.embed.runner import EmbedConfig, embed_slides, load_encoder
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.store.coords import read_coords
+from wsi_pipeline.store.features import get_store
+from wsi_pipeline.store.status import read_status
+from wsi_pipeline.tiling.stage import tile_slides
+
+PROMPTS = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory):
+    """Two small slides (SVS mpp 0.25, generic TIFF mpp 0.5) and a blank one, tiled at 0.5 µm/px, 128 px."""
+    root = tmp_path_factory.mktemp("embed")
+    slides = root / "slides"
+    slides.mkdir()
+    make_slide(slides / "a.svs", 2400, 1800, mpp=0.25, layout="svs", levels=(1, 4), seed=1)
+    make_slide(slides / "b.tif", 1400, 1000, mpp=0.5, layout="generic", levels=(1, 4), seed=2)
+    make_slide(slides / "blank.svs", 1024, 768, mpp=0.5, n_blobs=0, seed=3)
+    out = root / "out"
+    results = tile_slides(sorted(slides.iterdir()), out, TilingConfig(patch_size=128, target_mpp=0.5, seg_level_mpp=2.0, min_tissue_area=2000.0))
+    assert [r.status for r in results] == ["ok", "ok", "ok"]
+    return out
+
+
+def _copy_out(tiled: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(tiled / "coords", out / "coords")
+    return out
+
+
+def _reference_features(coords_path: Path, cfg: EmbedConfig) -> np.ndarray:
+    """Per-patch read_region + the documented resize/normalise + model.encode_image, no batching."""
+    coords, attrs = read_coords(coords_path)
+    model = load_encoder(cfg, torch.device("cpu"))
+    with open_slide(attrs["slide_path"], backend=attrs.get("backend", "auto")) as slide:
+        level = int(attrs["patch_level"])
+        ds = slide.info.level_downsamples[level]
+        p = int(round(attrs["patch_size_level0"] / ds))
+        feats = []
+        for x, y in coords:
+            pix = slide.read_region((int(x), int(y)), level, (p, p))[None]
+            x_in = normalize(resize_patches(pix, model.input_size), model.mean, model.std, torch.float32)
+            with torch.inference_mode():
+                feats.append(model.encode_image(x_in).numpy())
+    return np.concatenate(feats) if feats else np.zeros((0, model.embed_dim), np.float32)
+
+
+def test_features_equal_per_patch_reference(tiled, tmp_path):
+    out = _copy_out(tiled, tmp_path)
+    cfg = EmbedConfig(model="convlm_test", batch_size=7, region_size=300)
+    summary = embed_slides(out, cfg)
+    assert summary.count("ok") == 3, summary.results
+    for sid in ("a", "b"):
+        sf = get_store("h5").read(out / "features", summary.model_id, sid)
+        ref = _reference_features(out / "coords" / f"{sid}.h5", cfg)
+        assert sf.features.shape == ref.shape and len(ref) > 10
+        np.testing.assert_allclose(sf.features, ref, atol=1e-5, rtol=0)
+        assert sf.attrs["complete"] is True and sf.attrs["projected"] is False
+        assert sf.attrs["n_failed_patches"] == 0
+        assert sf.attrs["prune_layers"] and 0 < sf.attrs["keep_rate"] <= 1
+        coords, cattrs = read_coords(out / "coords" / f"{sid}.h5")
+        np.testing.assert_array_equal(sf.coords, coords)
+        assert sf.coords_attrs["patch_size_level0"] == cattrs["patch_size_level0"]
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_region_reads_are_pixel_identical(tiled, backend):
+    coords, attrs = read_coords(tiled / "coords" / "a.h5")
+    w, h = attrs["level0_width"], attrs["level0_height"]
+    p = int(attrs["patch_size_level0"])
+    edge = np.array([[0, 0], [w - p, 0], [0, h - p], [w - p, h - p], [w - p // 2, h - p // 2], [37, 1001]])
+    coords = np.concatenate([coords, edge])  # slide corners, half outside, odd offsets
+    with open_slide(attrs["slide_path"], backend=backend) as slide:
+        plan = plan_regions(coords, level=0, downsample=1.0, patch_px=p, region_size=300)
+        assert len(plan.regions) > 4 and plan.n_patches == len(coords)
+        for region in plan.regions:
+            patches, failed = read_region_patches(slide, plan, region, coords)
+            assert not failed.any()
+            for j, idx in enumerate(region.indices):
+                x, y = coords[idx]
+                np.testing.assert_array_equal(patches[j], slide.read_region((int(x), int(y)), 0, (p, p)))
+
+
+def test_blank_slide_gets_empty_valid_file(tiled, tmp_path):
+    out = _copy_out(tiled, tmp_path)
+    summary = embed_slides(out, EmbedConfig(model="convlm_test"), slide_ids=["blank"])
+    sf = get_store("h5").read(out / "features", summary.model_id, "blank")
+    assert sf.features.shape == (0, sf.attrs["embed_dim"]) and sf.coords.shape == (0, 2)
+    assert sf.attrs["complete"] is True
+    again = embed_slides(out, EmbedConfig(model="convlm_test"), slide_ids=["blank"])
+    assert again.results[0].status == "skipped"
+
+
+def test_resume_redoes_partial_and_corrupt_files(tiled, tmp_path):
+    out = _copy_out(tiled, tmp_path)
+    cfg = EmbedConfig(model="convlm_test")
+    first = embed_slides(out, cfg, slide_ids=["a", "b"])
+    store = get_store("h5")
+    good_a = store.read(out / "features", first.model_id, "a").features
+    good_b = store.read(out / "features", first.model_id, "b").features
+    fdir = out / "features" / first.model_id
+    # a crash left: a temp file, a truncated h5 for "a", and an h5 without complete=True for "b"
+    (fdir / ".a.h5.1234.tmp").write_bytes(b"partial")
+    data = (fdir / "a.h5").read_bytes()
+    (fdir / "a.h5").write_bytes(data[: len(data) // 3])
+    with h5py.File(fdir / "b.h5", "a") as f:
+        del f.attrs["complete"]
+    second = embed_slides(out, cfg, slide_ids=["a", "b"])
+    assert [r.status for r in second.results] == ["ok", "ok"]
+    np.testing.assert_array_equal(store.read(out / "features", first.model_id, "a").features, good_a)
+    np.testing.assert_array_equal(store.read(out / "features", first.model_id, "b").features, good_b)
+    third = embed_slides(out, cfg, slide_ids=["a", "b"])
+    assert [r.status for r in third.results] == ["skipped", "skipped"]
+    rows = [r for r in read_status(out) if r["stage"] == "embed"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "ok", "skipped", "skipped"]
+
+
+def test_zarr_and_h5_hold_identical_arrays(tiled, tmp_path):
+    out = _copy_out(tiled, tmp_path)
+    h5 = embed_slides(out, EmbedConfig(model="convlm_test", store="h5"), slide_ids=["b", "blank"])
+    zr = embed_slides(out, EmbedConfig(model="convlm_test", store="zarr"), slide_ids=["b", "blank"])
+    assert (out / "features" / f"{zr.model_id}.zarr" / "b" / "zarr.json").exists()
+    for sid in ("b", "blank"):
+        a = get_store("h5").read(out / "features", h5.model_id, sid)
+        z = get_store("zarr").read(out / "features", zr.model_id, sid)
+        np.testing.assert_array_equal(a.features, z.features)
+        np.testing.assert_array_equal(a.coords, z.coords)
+        assert {k: a.attrs[k] for k in ("model_id", "embed_dim", "keep_rate", "complete")} == {
+            k: z.attrs[k] for k in ("model_id", "embed_dim", "keep_rate", "complete")
+        }
+        assert z.coords_attrs["patch_size_level0"] == a.coords_attrs["patch_size_level0"]
+
+
+def test_context_changes_features_and_is_recorded(tiled, tmp_path):
+    out = _copy_out(tiled, tmp_path)
+    plain = embed_slides(out, EmbedConfig(model="convlm_test"), slide_ids=["b"])
+    ctx = embed_slides(out, EmbedConfig(model="convlm_test", context=str(PROMPTS)), slide_ids=["b"])
+    assert plain.model_id != ctx.model_id and "ctx-none" in plain.model_id
+    f0 = get_store("h5").read(out / "features", plain.model_id, "b")
+    f1 = get_store("h5").read(out / "features", ctx.model_id, "b")
+    assert f1.attrs["context_source"] == str(PROMPTS) and len(f1.attrs["context_hash"]) == 64
+    assert f0.attrs["context_hash"] == "none"
+    assert np.abs(f0.features - f1.features).max() > 1e-4
+
+
+def test_workers_give_identical_features(tiled, tmp_path):
+    out = _copy_out(tiled, tmp_path)
+    w0 = embed_slides(out, EmbedConfig(model="convlm_test", workers=0), slide_ids=["a"])
+    f0 = get_store("h5").read(out / "features", w0.model_id, "a").features
+    w2 = embed_slides(out, EmbedConfig(model="convlm_test", workers=2, overwrite=True), slide_ids=["a"])
+    f2 = get_store("h5").read(out / "features", w2.model_id, "a").features
+    np.testing.assert_array_equal(f0, f2)
+
+
+def test_unreadable_tiles_become_blank_or_fail_the_slide(tiled, tmp_path):
+    from wsi_pipeline.slide.write import corrupt_tile
+
+    out = _copy_out(tiled, tmp_path)
+    coords, attrs = read_coords(out / "coords" / "a.h5")
+    broken = tmp_path / "a.svs"
+    shutil.copy(attrs["slide_path"], broken)
+    corrupt_tile(broken, page=0, tile_xy=(4, 3))  # one level-0 tile inside the tissue
+    cfg = EmbedConfig(model="convlm_test", slides_dir=str(tmp_path), max_failed_fraction=0.0)
+    failed = embed_slides(out, cfg, slide_ids=["a"])
+    r = failed.results[0]
+    assert r.status == "failed" and r.n_failed_patches >= 1 and "unreadable" in r.reason
+    ok = embed_slides(out, EmbedConfig(model="convlm_test", slides_dir=str(tmp_path), max_failed_fraction=0.5), slide_ids=["a"])
+    sf = get_store("h5").read(out / "features", ok.model_id, "a")
+    assert ok.results[0].status == "ok" and sf.attrs["n_failed_patches"] == r.n_failed_patches

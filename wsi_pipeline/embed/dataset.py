@@ -1,0 +1,77 @@
+"""A torch Dataset over the read regions of one slide.
+
+Each item is one region: the patches cut from it, already resized to the model input
+(uint8, so that host→device copies are 4× smaller than float), their indices into the
+coords array and which of them were unreadable. Normalisation (mean/std) happens on the
+device. The :class:`~wsi_pipeline.slide.Slide` reopens its handle in each worker process,
+so the dataset works with fork and spawn start methods alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..slide import Slide
+from .regions import ReadPlan, read_region_patches
+
+
+def resize_patches(patches: np.ndarray, size: int) -> torch.Tensor:
+    """(k, p, p, 3) uint8 → (k, 3, size, size) uint8, bilinear with antialiasing.
+
+    The one resize used everywhere (embedding, tests, training), so features computed by
+    the pipeline and by hand from the same pixels agree.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2)
+    if t.shape[-1] == size and t.shape[-2] == size:
+        return t.contiguous()
+    x = F.interpolate(t.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def normalize(batch_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B, 3, H, W) on any device → normalised float tensor of ``dtype``."""
+    m = torch.tensor(mean, device=batch_u8.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=batch_u8.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return ((batch_u8.float() - m) / s).to(dtype)
+
+
+class RegionDataset(Dataset):
+    """Items: ``(indices (k,), patches uint8 (k, 3, S, S), failed bool (k,))`` per region."""
+
+    def __init__(self, slide: Slide, coords: np.ndarray, plan: ReadPlan, input_size: int) -> None:
+        self.slide = slide
+        self.coords = np.asarray(coords, dtype=np.int64)
+        self.plan = plan
+        self.input_size = int(input_size)
+
+    def __len__(self) -> int:
+        return len(self.plan.regions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        region = self.plan.regions[i]
+        patches, failed = read_region_patches(self.slide, self.plan, region, self.coords)
+        return (
+            torch.from_numpy(region.indices.copy()),
+            resize_patches(patches, self.input_size),
+            torch.from_numpy(failed),
+        )
+
+
+def make_loader(
+    dataset: RegionDataset,
+    *,
+    workers: int,
+    pin_memory: bool,
+    mp_context: str | None = None,
+    prefetch_factor: int = 4,
+) -> DataLoader:
+    """One region per item, in plan order (DataLoader keeps order with workers too)."""
+    kwargs: dict[str, object] = {}
+    if workers > 0:
+        kwargs["prefetch_factor"] = prefetch_factor
+        if mp_context:
+            kwargs["multiprocessing_context"] = mp_context
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory, **kwargs)

@@ -1,0 +1,329 @@
+"""The ``embed`` stage: coords files in, one feature file per slide out.
+
+The model is loaded once per process. For each slide the coords are grouped into read
+regions (see :mod:`.regions`), a DataLoader reads and resizes them in worker processes,
+and the main process normalises on the device and runs the encoder in
+``torch.inference_mode`` with autocast for fp16/bf16. A slide is skipped only when its
+feature file validates (complete, same model id, same coords).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import ConfigError, SlideError, TooManyFailedPatchesError, WsiPipelineError
+from ..progress import NullProgress, Progress
+from ..slide import open_slide
+from ..store.coords import read_coords
+from ..store.features import FEATURES_SCHEMA_VERSION, get_store
+from ..store.status import StatusRow, append_status
+from .context import ContextVector, load_context
+from .dataset import RegionDataset, make_loader, normalize
+from .regions import plan_regions
+
+_logger = logging.getLogger(__name__)
+
+STAGE = "embed"
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Options of the embed stage (CLI flags map one to one)."""
+
+    model: str = "convlm_test"
+    weights: str | None = None
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    keep_rate: float | None = None
+    prune_layers: tuple[int, ...] | None = None
+    context: str | None = None
+    store: str = "h5"
+    slides_dir: str | None = None
+    region_size: int = 2048
+    max_failed_fraction: float = 0.01
+    overwrite: bool = False
+    mp_context: str | None = None
+
+
+@dataclass
+class EmbedResult:
+    slide_id: str
+    status: str  # ok | failed | skipped
+    reason: str = ""
+    n_patches: int = 0
+    seconds: float = 0.0
+    n_failed_patches: int = 0
+    path: str | None = None
+
+
+@dataclass
+class EmbedSummary:
+    results: list[EmbedResult] = field(default_factory=list)
+    model_id: str = ""
+    seconds: float = 0.0
+    data_wait_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def n_patches(self) -> int:
+        return sum(r.n_patches for r in self.results if r.status == "ok")
+
+    @property
+    def line(self) -> str:
+        rate = self.n_patches / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"embed: {self.count('ok')} ok, {self.count('failed')} failed, {self.count('skipped')} skipped; "
+            f"{self.n_patches} patches in {self.seconds:.1f} s ({rate:.1f} patches/s)"
+        )
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+_AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in _AUTOCAST:
+        raise ConfigError(f"--precision {precision!r}: choose auto, fp32, fp16 or bf16")
+    return precision
+
+
+def make_model_id(
+    name: str, weights_sha256: str | None, keep_rate: float, prune_layers: Sequence[int], context_hash: str | None
+) -> str:
+    """A folder-safe id that differs whenever the features would differ."""
+    base = name.replace(":", "-").replace("/", "-")
+    if weights_sha256:
+        base += f"-w{weights_sha256[:8]}"
+    refine = "full" if keep_rate >= 1.0 or not prune_layers else f"k{keep_rate:g}-l{'.'.join(map(str, prune_layers))}"
+    ctx = f"ctx-{context_hash[:8]}" if context_hash else "ctx-none"
+    return f"{base}_{refine}_{ctx}"
+
+
+def find_coords_files(out_dir: str | os.PathLike[str]) -> list[Path]:
+    coords_dir = Path(out_dir) / "coords"
+    return sorted(p for p in coords_dir.glob("*.h5") if not p.name.startswith("."))
+
+
+def resolve_slide_path(attrs: dict[str, Any], slides_dir: str | None) -> str:
+    recorded = str(attrs.get("slide_path", ""))
+    if slides_dir:
+        candidate = Path(slides_dir) / Path(recorded).name
+        if candidate.exists():
+            return str(candidate)
+        raise SlideError(f"slide {Path(recorded).name!r} not found under --slides {slides_dir}")
+    if recorded and Path(recorded).exists():
+        return recorded
+    raise SlideError(f"slide file {recorded!r} recorded in the coords file no longer exists; pass --slides DIR")
+
+
+def load_encoder(cfg: EmbedConfig, device: torch.device) -> Any:
+    """The model, in eval mode on ``device``; random init is seeded so runs agree."""
+    from ..model import create_model
+
+    if cfg.weights is None:
+        torch.manual_seed(RANDOM_INIT_SEED)
+    model = create_model(cfg.model, weights=cfg.weights, device=str(device), precision="fp32")
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- encoding
+class Encoder:
+    """Batches patches from region chunks and runs the model on full batches."""
+
+    def __init__(self, model: Any, cfg: EmbedConfig, device: torch.device, precision: str, context: ContextVector | None):
+        self.model = model
+        self.device = device
+        self.batch_size = int(cfg.batch_size)
+        self.autocast_dtype = _AUTOCAST[precision]
+        self.keep_rate = model.keep_rate if cfg.keep_rate is None else float(cfg.keep_rate)
+        self.prune_layers = tuple(model.prune_layers if cfg.prune_layers is None else cfg.prune_layers)
+        self.context = None if context is None else context.vector.to(device)
+        self.compute_seconds = 0.0
+
+    @torch.inference_mode()
+    def __call__(self, batch_u8: torch.Tensor) -> np.ndarray:
+        t0 = time.perf_counter()
+        x = normalize(batch_u8.to(self.device, non_blocking=True), self.model.mean, self.model.std, torch.float32)
+        if self.autocast_dtype is not None:
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+                feats = self.model.encode_image(
+                    x, context=self.context, keep_rate=self.keep_rate, prune_layers=self.prune_layers
+                )
+        else:
+            feats = self.model.encode_image(x, context=self.context, keep_rate=self.keep_rate, prune_layers=self.prune_layers)
+        out = feats.float().cpu().numpy()
+        self.compute_seconds += time.perf_counter() - t0
+        return out
+
+
+def embed_coords(
+    slide_path: str,
+    coords: np.ndarray,
+    coords_attrs: dict[str, Any],
+    encoder: Encoder,
+    cfg: EmbedConfig,
+    progress: Progress,
+) -> tuple[np.ndarray, int, float]:
+    """Features (N, D) of one slide, the number of blank-substituted patches and the data-wait seconds."""
+    n = len(coords)
+    dim = int(encoder.model.embed_dim)
+    feats = np.zeros((n, dim), dtype=np.float32)
+    if n == 0:
+        return feats, 0, 0.0
+    slide = open_slide(slide_path, backend=str(coords_attrs.get("backend", "auto")))
+    with slide:
+        w0, h0 = slide.info.dimensions
+        if (int(coords_attrs.get("level0_width", w0)), int(coords_attrs.get("level0_height", h0))) != (w0, h0):
+            raise SlideError(f"{slide_path}: slide size {w0}x{h0} differs from the coords file; re-run tile")
+        level = int(coords_attrs["patch_level"])
+        downsample = float(slide.info.level_downsamples[level])
+        patch_px = max(1, int(round(float(coords_attrs["patch_size_level0"]) / downsample)))
+        plan = plan_regions(coords, level=level, downsample=downsample, patch_px=patch_px, region_size=cfg.region_size)
+        dataset = RegionDataset(slide, coords, plan, encoder.model.input_size)
+        loader = make_loader(
+            dataset, workers=cfg.workers, pin_memory=encoder.device.type == "cuda", mp_context=cfg.mp_context
+        )
+        n_failed, wait = 0, 0.0
+        pending_idx: list[torch.Tensor] = []
+        pending_x: list[torch.Tensor] = []
+        n_pending = 0
+
+        def flush(upto: int) -> None:
+            nonlocal pending_idx, pending_x, n_pending
+            idx = torch.cat(pending_idx)
+            xs = torch.cat(pending_x)
+            for start in range(0, upto, encoder.batch_size):
+                stop = min(start + encoder.batch_size, upto)
+                feats[idx[start:stop].numpy()] = encoder(xs[start:stop])
+                progress.advance(stop - start)
+            pending_idx, pending_x = [idx[upto:]], [xs[upto:]]
+            n_pending = len(idx) - upto
+
+        t_wait = time.perf_counter()
+        for indices, patches, failed in loader:
+            wait += time.perf_counter() - t_wait
+            n_failed += int(failed.sum())
+            pending_idx.append(indices)
+            pending_x.append(patches)
+            n_pending += len(indices)
+            if n_pending >= encoder.batch_size:
+                flush(n_pending - n_pending % encoder.batch_size)
+            t_wait = time.perf_counter()
+        if n_pending:
+            flush(n_pending)
+    return feats, n_failed, wait
+
+
+def embed_slides(
+    out_dir: str | os.PathLike[str],
+    cfg: EmbedConfig,
+    *,
+    slide_ids: Iterable[str] | None = None,
+    progress: Progress | None = None,
+) -> EmbedSummary:
+    """Embed every slide tiled into ``out_dir`` (or only ``slide_ids``); never raises for one bad slide."""
+    progress = progress or NullProgress()
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    store = get_store(cfg.store)
+    coords_files = find_coords_files(out_dir)
+    if slide_ids is not None:
+        wanted = set(slide_ids)
+        coords_files = [p for p in coords_files if p.stem in wanted]
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    model = load_encoder(cfg, device)
+    context = load_context(cfg.context, model)
+    encoder = Encoder(model, cfg, device, precision, context)
+    model_id = make_model_id(
+        cfg.model, model.weights_sha256, encoder.keep_rate, encoder.prune_layers, context.sha256 if context else None
+    )
+    features_dir = out_dir / "features"
+    summary = EmbedSummary(model_id=model_id)
+    base_attrs = {
+        "model_name": cfg.model,
+        "model_id": model_id,
+        "weights_sha256": model.weights_sha256 or f"none (random init, seed {RANDOM_INIT_SEED})",
+        "embed_dim": int(model.embed_dim),
+        "projected": False,
+        "normalized": False,
+        "keep_rate": float(encoder.keep_rate),
+        "prune_layers": list(encoder.prune_layers),
+        "context_hash": context.sha256 if context else "none",
+        "context_source": context.source if context else "none",
+        "precision": precision,
+        "device": str(device),
+        "input_size": int(model.input_size),
+        "wsi_pipeline_version": __version__,
+        "features_schema_version": FEATURES_SCHEMA_VERSION,
+    }
+    progress.start(len(coords_files))
+    for coords_path in coords_files:
+        slide_id = coords_path.stem
+        t0 = time.perf_counter()
+        result = EmbedResult(slide_id, "failed")
+        try:
+            coords, cattrs = read_coords(coords_path)
+            result.n_patches = len(coords)
+            reason = "overwrite requested" if cfg.overwrite else store.validate(features_dir, model_id, slide_id, coords)
+            if reason is None:
+                result.status, result.reason = "skipped", "features exist and validate"
+                result.path = str(store.path_for(features_dir, model_id, slide_id))
+            else:
+                _logger.debug("%s: embedding (%s)", slide_id, reason)
+                progress.start_slide(slide_id, len(coords))
+                slide_path = resolve_slide_path(cattrs, cfg.slides_dir)
+                feats, n_failed, wait = embed_coords(slide_path, coords, cattrs, encoder, cfg, progress)
+                summary.data_wait_seconds += wait
+                result.n_failed_patches = n_failed
+                if len(coords) and n_failed > cfg.max_failed_fraction * len(coords):
+                    raise TooManyFailedPatchesError(
+                        f"{n_failed} of {len(coords)} patches unreadable "
+                        f"(> {cfg.max_failed_fraction:.0%}); the slide file is damaged"
+                    )
+                attrs = dict(base_attrs, n_failed_patches=n_failed, slide_id=slide_id, slide_path=slide_path)
+                result.path = str(store.write(features_dir, model_id, slide_id, feats, coords, attrs, cattrs))
+                result.status = "ok"
+        except WsiPipelineError as e:
+            result.reason = str(e)
+            _logger.error("%s: %s", slide_id, e)
+        except Exception as e:  # unexpected: keep the batch going, keep the traceback in debug logs
+            result.reason = f"{type(e).__name__}: {e}"
+            _logger.error("%s: unexpected error: %s", slide_id, result.reason)
+            _logger.debug("traceback", exc_info=True)
+        result.seconds = time.perf_counter() - t0
+        progress.end_slide(slide_id, result.status)
+        append_status(out_dir, StatusRow(slide_id, STAGE, result.status, result.reason, result.n_patches, result.seconds))
+        summary.results.append(result)
+    progress.close()
+    summary.compute_seconds = encoder.compute_seconds
+    summary.seconds = time.perf_counter() - t_start
+    return summary
