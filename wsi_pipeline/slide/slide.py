@@ -100,6 +100,10 @@ class Slide:
     # -- reading ------------------------------------------------------------------------
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (h, w, 3) at ``level``; ``location`` in level-0 pixels."""
+        if not 0 <= level < self.info.level_count:
+            raise SlideReadError(
+                f"{self.path}: level {level} out of range (the slide has {self.info.level_count} levels)"
+            )
         try:
             return self._get_handle().read_region(location, level, size)
         except Exception as first:
