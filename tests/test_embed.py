@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from slide_factory import make_slide
+
 from wsi_pipeline.config import TilingConfig
 from wsi_pipeline.embed.dataset import normalize, resize_patches
 from wsi_pipeline.embed.regions import plan_regions, read_region_patches

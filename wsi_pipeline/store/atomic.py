@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,13 +74,20 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
-def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
-    """Delete temporary files left by a crashed run; returns how many were removed."""
+def remove_stale_temps(folder: str | os.PathLike[str], min_age_s: float = 0.0) -> int:
+    """Delete temporary files left by a crashed run; returns how many were removed.
+
+    ``min_age_s`` spares files modified more recently than that (another run on the same
+    folder may be writing them right now).
+    """
     n = 0
     folder = Path(folder)
     if folder.is_dir():
+        now = time.time()
         for p in folder.glob(f".*{TMP_SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
+                if min_age_s > 0 and now - p.stat().st_mtime < min_age_s:
+                    continue
                 p.unlink()
                 n += 1
     return n

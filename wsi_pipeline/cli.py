@@ -1,0 +1,273 @@
+"""``wsi-pipeline`` command line: one thin function per verb, heavy imports inside.
+
+Exit codes: 0 every slide ok (or skipped), 1 at least one slide failed, 2 usage error
+(bad option, bad config, no inputs, duplicate slide ids, unwritable output folder).
+Logging is configured here and only here: one line per problem, tracebacks only with -v.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+
+#: ``tile`` options that are TilingConfig fields (a --config preset may set them too).
+_TILING_PARAMS = ("backend", "target_mpp", "mag", "patch_size", "overlap", "min_tissue", "seg_level_mpp",
+                  "threshold", "min_tissue_area", "min_hole_area", "mpp_csv", "default_mpp")
+#: Reader libraries that log their own line about a file we already report in one line.
+_NOISY_LOGGERS = ("tifffile", "tiffslide", "PIL", "h5py")
+
+
+# -- logging and progress -----------------------------------------------------------------
+class _TqdmHandler(logging.Handler):
+    """Writes log lines above an active progress bar (stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, _TqdmHandler):
+            root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.getLogger("wsi_pipeline").setLevel(level)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+
+
+class _TqdmProgress:
+    """A slide-count progress bar on stderr."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+
+    def start(self, total_slides: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_slides, desc=self.desc, unit="slide", file=sys.stderr, dynamic_ncols=True)
+
+    def start_slide(self, slide_id: str, total_items: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(slide_id[:40])
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def end_slide(self, slide_id: str, status: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _die(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr, then exit (2: usage error)."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+# -- inputs -------------------------------------------------------------------------------
+def _slide_extensions() -> set[str]:
+    from .slide import registered_backends
+
+    return {e for spec in registered_backends() for e in spec.extensions}
+
+
+def collect_inputs(items: Iterable[str], list_file: str | None = None, recursive: bool = False) -> list[str]:
+    """Expand folders (slide extensions only; ``recursive`` descends), ``@list.txt`` and
+    ``--list`` files (one path per line, ``#`` comments; relative paths are taken relative to
+    the list's folder when they exist there) and single files into a list of slide paths."""
+    from .errors import ConfigError
+
+    out: list[str] = []
+    lists = [list_file] if list_file else []
+    for item in items:
+        if item.startswith("@") and len(item) > 1:
+            lists.append(item[1:])
+            continue
+        p = Path(item)
+        if p.is_dir():
+            exts = _slide_extensions()
+            found = p.rglob("*") if recursive else p.iterdir()
+            files = sorted(f for f in found if f.is_file() and not f.name.startswith(".")
+                           and f.suffix.lower() in exts)
+            if not files:
+                raise ConfigError(f"no slide files in folder {p} (extensions: {' '.join(sorted(exts))})")
+            out.extend(str(f) for f in files)
+        elif p.exists():
+            out.append(str(p))
+        else:
+            raise ConfigError(f"input {item!r} does not exist")
+    for lf in lists:
+        base = Path(lf).parent
+        try:
+            lines = Path(lf).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise ConfigError(f"cannot read slide list {lf}: {e.strerror or e}") from e
+        for line in lines:
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            q = Path(entry)
+            if not q.is_absolute() and (base / q).exists():
+                q = base / q
+            out.append(str(q))
+    if not out:
+        raise ConfigError("no input slides given")
+    return out
+
+
+def _tiling_config(ctx: click.Context, config_file: str | None, params: dict[str, Any]) -> Any:
+    """Preset (if any) overridden by the flags that were given explicitly."""
+    from .config import TilingConfig
+
+    base = TilingConfig.from_yaml(config_file) if config_file else TilingConfig()
+    explicit = {
+        name: value
+        for name, value in params.items()
+        if name in _TILING_PARAMS
+        and ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                               click.core.ParameterSource.ENVIRONMENT)
+    }
+    if "mag" in explicit and "target_mpp" in explicit:
+        raise click.UsageError("give either --target-mpp or --mag, not both")
+    return base.merge(explicit)  # "mag" becomes target_mpp = 10 / mag
+
+
+def verbosity_options(f: Any) -> Any:
+    """``-v/--verbose`` and ``-q/--quiet``, accepted before or after the verb."""
+    f = click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bar.")(f)
+    return click.option("-v", "--verbose", count=True, help="More detail (-v: debug log with tracebacks).")(f)
+
+
+def _verbosity(ctx: click.Context, verbose: int, quiet: bool) -> bool:
+    """Merge a verb's -v/-q with the group's, reconfigure logging; returns ``quiet``."""
+    obj = ctx.ensure_object(dict)
+    obj["verbose"] = max(int(obj.get("verbose", 0)), verbose)
+    obj["quiet"] = bool(obj.get("quiet", False) or quiet)
+    if verbose or quiet:
+        _configure_logging(obj["verbose"], obj["quiet"])
+    return obj["quiet"]
+
+
+# -- verbs --------------------------------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsi-pipeline")
+@verbosity_options
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Whole-slide-image tiling, ConVLM feature extraction and zero-shot subtyping."""
+    _configure_logging(verbose, quiet)
+    ctx.obj = {"verbose": verbose, "quiet": quiet}
+
+
+@main.command()
+@click.argument("inputs", nargs=-1)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder (coords/, thumbnails/, tissue/, status.csv).")
+@click.option("--list", "list_file", type=click.Path(dir_okay=False), help="Text file with one slide path per line.")
+@click.option("--recursive", is_flag=True, help="Descend into sub-folders of folder inputs.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML preset (configs/tiling/*.yaml); flags given here win.")
+@click.option("--backend", default="auto", show_default=True, help="Slide reader: auto, openslide, tiffslide, image.")
+@click.option("--target-mpp", type=float, default=0.5, show_default=True, help="Patch resolution in µm/px.")
+@click.option("--mag", type=float, help="Alias: target mpp = 10 / mag (20 → 0.5 µm/px).")
+@click.option("--patch-size", type=int, default=256, show_default=True, help="Patch edge in px at the target mpp.")
+@click.option("--overlap", type=float, default=0.0, show_default=True, help="Overlap as a fraction of the patch.")
+@click.option("--min-tissue", type=float, default=0.25, show_default=True,
+              help="Tissue fraction a patch needs (0: any tissue).")
+@click.option("--seg-level-mpp", type=float, default=8.0, show_default=True,
+              help="Resolution of the segmentation image (µm/px).")
+@click.option("--threshold", default="otsu", show_default=True, help="Saturation threshold: otsu or 0..255.")
+@click.option("--min-tissue-area", type=float, default=40000.0, show_default=True,
+              help="Remove tissue objects smaller than this (µm²).")
+@click.option("--min-hole-area", type=float, default=16000.0, show_default=True,
+              help="Fill holes smaller than this (µm²).")
+@click.option("--mpp-csv", type=click.Path(dir_okay=False), help="CSV 'slide,mpp' with per-slide resolutions.")
+@click.option("--default-mpp", type=float, help="µm/px for slides without one (warned, recorded).")
+@click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist and validate.")
+@verbosity_options
+@click.pass_context
+def tile(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, list_file: str | None, recursive: bool,
+         config_file: str | None, overwrite: bool, verbose: int, quiet: bool, **params: Any) -> None:
+    """Segment tissue and write patch coordinates for INPUTS (slides, folders or @list.txt)."""
+    from .errors import WsiPipelineError
+    from .tiling.stage import tile_slides
+
+    t0 = time.perf_counter()
+    quiet = _verbosity(ctx, verbose, quiet)
+    try:
+        config = _tiling_config(ctx, config_file, params)
+        slides = collect_inputs(inputs, list_file, recursive)
+        # raises before any work: duplicate ids, unknown backend, bad mpp CSV, unwritable -o
+        results = tile_slides(slides, out_dir, config, overwrite=overwrite,
+                              progress=None if quiet else _TqdmProgress("tile"))
+    except WsiPipelineError as e:
+        _die(str(e))
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    n_patches = sum(r.n_patches or 0 for r in results if r.status in ("ok", "skipped"))
+    click.echo(
+        f"tile: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
+        f"{n_patches} patches in {time.perf_counter() - t0:.1f} s -> {out_dir}"
+    )
+    ctx.exit(1 if counts["failed"] else 0)
+
+
+@main.command()
+@click.argument("slide")
+@click.option("--backend", default="auto", show_default=True, help="Slide reader.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@verbosity_options
+@click.pass_context
+def info(ctx: click.Context, slide: str, backend: str, as_json: bool, verbose: int, quiet: bool) -> None:
+    """Print the normalised metadata of SLIDE (levels, downsamples, mpp and its source)."""
+    from .errors import WsiPipelineError
+    from .slide import open_slide
+
+    _verbosity(ctx, verbose, quiet)
+    try:
+        with open_slide(slide, backend) as s:
+            meta = s.info.as_dict()
+            meta["backend"] = s.backend
+            mpp_known = s.info.mpp_x is not None and s.info.mpp_y is not None
+            meta["level_mpp"] = [s.info.level_mpp(k) for k in range(s.info.level_count)] if mpp_known else None
+    except WsiPipelineError as e:
+        _die(str(e), code=1)
+    if as_json:
+        click.echo(json.dumps(meta, indent=2, ensure_ascii=False))
+        return
+    width = max(len(k) for k in meta)
+    for key, value in meta.items():
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        elif key == "level_mpp" and value is not None:
+            value = ", ".join(f"{v:.4g}" for v in value)
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=os.path.basename(sys.argv[0]))

@@ -1,0 +1,274 @@
+"""Tiling options: one frozen dataclass, loadable from a YAML preset and merged with CLI flags.
+
+A preset (``configs/tiling/*.yaml``) is a flat mapping whose keys are the field names of
+:class:`TilingConfig` (``-`` and ``_`` are interchangeable; ``mag: 20`` is accepted as an
+alias of ``target_mpp: 0.5``). Flags given on the command line win over the preset, the
+preset wins over the defaults::
+
+    cfg = TilingConfig.from_yaml("configs/tiling/20x_256.yaml").merge({"min_tissue": 0.5})
+
+Units: ``target_mpp`` and ``seg_level_mpp`` in µm/px; ``min_tissue_area`` and
+``min_hole_area`` in µm² (physical, so the same preset works for 20× and 40× slides);
+``median_size`` and ``close_size`` in pixels of the segmentation image (≈ ``seg_level_mpp``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_logger = logging.getLogger(__name__)
+
+
+def mag_to_mpp(mag: float) -> float:
+    """Objective magnification → µm/px by the convention 10× ≙ 1 µm/px (20× → 0.5)."""
+    if not _positive(mag):
+        raise ConfigError(f"magnification must be a positive number, got {mag!r}")
+    return 10.0 / float(mag)
+
+
+@dataclass(frozen=True)
+class SegmentationParams:
+    """Tissue-segmentation settings (see :func:`wsi_pipeline.tiling.tissue.segment_tissue`).
+
+    Defaults and why:
+
+    - ``threshold="otsu"``: the saturation threshold adapts to stain intensity (Otsu on
+      log(1 + S), see :mod:`wsi_pipeline.tiling.tissue`); it never goes below
+      ``otsu_floor`` = 8 (CLAM's fixed default), so that on a blank slide Otsu cannot split
+      JPEG noise into "tissue".
+    - ``median_size=7`` px (≈ 56 µm at 8 µm/px): removes dust and JPEG speckle (CLAM, wsinfer).
+    - ``close_size=5`` px (≈ 40 µm): bridges thin gaps inside one fragment (CLAM uses 4).
+    - ``min_tissue_area=40000`` µm² (a 200 µm square, as in wsinfer): smaller specks are
+      debris, and hold fewer than three 128 µm patches anyway.
+    - ``min_hole_area=16000`` µm² (≈ one 20×/256 px patch, 128 µm square): smaller holes
+      cannot empty a patch, so they are filled (glands and vessels larger than that stay).
+    - ``black_value=40`` / ``grey_spread=12``: pixels darker than V=40 (scanner borders,
+      black ink) or with max−min ≤ 12 (grey shadows, debris, slide edges) are never
+      tissue: dark pixels have a high HSV saturation from noise alone.
+    """
+
+    threshold: str | int = "otsu"
+    otsu_floor: int = 8
+    median_size: int = 7
+    close_size: int = 5
+    min_tissue_area: float = 40_000.0
+    min_hole_area: float = 16_000.0
+    black_value: int = 40
+    grey_spread: int = 12
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if isinstance(t, str):
+            if t.strip().lower() == "otsu":
+                object.__setattr__(self, "threshold", "otsu")
+            elif t.strip().isdigit():
+                object.__setattr__(self, "threshold", int(t.strip()))
+            else:
+                raise ConfigError(f"threshold must be 'otsu' or an integer 0..255, got {t!r}")
+        if isinstance(self.threshold, bool) or (
+            isinstance(self.threshold, int) and not 0 <= self.threshold <= 255
+        ):
+            raise ConfigError(f"threshold must be 'otsu' or an integer 0..255, got {t!r}")
+        for name in ("otsu_floor", "black_value", "grey_spread"):
+            _check_int(name, getattr(self, name), 0, 255)
+        for name in ("median_size", "close_size"):
+            _check_int(name, getattr(self, name), 1, 255)
+        if self.median_size % 2 == 0:
+            raise ConfigError(f"median_size must be odd, got {self.median_size}")
+        for name in ("min_tissue_area", "min_hole_area"):
+            v = getattr(self, name)
+            if not _number(v) or v < 0:
+                raise ConfigError(f"{name} must be a number ≥ 0 (µm²), got {v!r}")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Everything that decides a slide's patch grid.
+
+    ``target_mpp`` 0.5 (≈20×) and ``patch_size`` 256 are the conventions of the public
+    pathology encoders; ``overlap`` is a fraction of the patch (0 = adjacent patches);
+    ``min_tissue`` is the tissue fraction a patch needs (0.25: a quarter of the patch,
+    so that tissue borders are covered without keeping mostly-glass patches; 0 keeps
+    every patch that touches tissue). ``mpp_csv``/``default_mpp`` supply the resolution
+    of slides that lack it (the CSV also overrides a wrong value in the file).
+    """
+
+    target_mpp: float = 0.5
+    patch_size: int = 256
+    overlap: float = 0.0
+    min_tissue: float = 0.25
+    seg_level_mpp: float = 8.0
+    threshold: str | int = "otsu"
+    otsu_floor: int = 8
+    median_size: int = 7
+    close_size: int = 5
+    min_tissue_area: float = 40_000.0
+    min_hole_area: float = 16_000.0
+    black_value: int = 40
+    grey_spread: int = 12
+    backend: str = "auto"
+    mpp_csv: str | None = None
+    default_mpp: float | None = None
+    thumbnail_max_side: int = 1024
+
+    def __post_init__(self) -> None:
+        if not _positive(self.target_mpp):
+            raise ConfigError(f"target_mpp must be a positive number (µm/px), got {self.target_mpp!r}")
+        _check_int("patch_size", self.patch_size, 8, 16384)
+        if not _number(self.overlap) or not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"overlap must be a fraction in [0, 1), got {self.overlap!r}")
+        if not _number(self.min_tissue) or not 0.0 <= self.min_tissue <= 1.0:
+            raise ConfigError(f"min_tissue must be a fraction in [0, 1], got {self.min_tissue!r}")
+        if not _positive(self.seg_level_mpp):
+            raise ConfigError(f"seg_level_mpp must be a positive number (µm/px), got {self.seg_level_mpp!r}")
+        if self.default_mpp is not None and not _positive(self.default_mpp):
+            raise ConfigError(f"default_mpp must be a positive number (µm/px), got {self.default_mpp!r}")
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ConfigError(f"backend must be a name such as 'auto', got {self.backend!r}")
+        _check_int("thumbnail_max_side", self.thumbnail_max_side, 64, 16384)
+        seg = self.segmentation  # validates the segmentation fields
+        object.__setattr__(self, "threshold", seg.threshold)
+        for name in _FLOAT_FIELDS:  # 40000 and 40000.0 are the same setting
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def segmentation(self) -> SegmentationParams:
+        names = {f.name for f in fields(SegmentationParams)}
+        return SegmentationParams(**{n: getattr(self, n) for n in names})
+
+    @property
+    def target_magnification(self) -> float:
+        return 10.0 / self.target_mpp
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> TilingConfig:
+        """Defaults overridden by a YAML preset; unknown keys raise :class:`ConfigError`."""
+        return cls().merge(load_yaml_options(path))
+
+    def merge(self, overrides: Mapping[str, Any]) -> TilingConfig:
+        """A copy with ``overrides`` applied (``mag`` is turned into ``target_mpp``)."""
+        values = normalise_keys(overrides, source="options")
+        if "mag" in values:
+            mag = values.pop("mag")
+            if "target_mpp" in values:
+                raise ConfigError("give either target_mpp or mag, not both")
+            values["target_mpp"] = mag_to_mpp(mag)
+        return dataclasses.replace(self, **values)
+
+    def signature(self) -> dict[str, Any]:
+        """The settings that decide the output (used to tell whether a rerun must redo a slide)."""
+        d = dataclasses.asdict(self)
+        for k in ("backend", "mpp_csv", "default_mpp", "thumbnail_max_side"):
+            d.pop(k)
+        return d
+
+
+_FLOAT_FIELDS = ("target_mpp", "overlap", "min_tissue", "seg_level_mpp", "min_tissue_area", "min_hole_area",
+                 "default_mpp")
+
+
+def normalise_keys(options: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    """``min-tissue`` → ``min_tissue``; unknown keys raise :class:`ConfigError` naming them."""
+    known = {f.name for f in fields(TilingConfig)} | {"mag"}
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        name = str(key).strip().replace("-", "_")
+        if name not in known:
+            raise ConfigError(
+                f"{source}: unknown tiling option {key!r} (known: {', '.join(sorted(known))})"
+            )
+        out[name] = value
+    return out
+
+
+def load_yaml_options(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a flat YAML mapping of tiling options, checking every key."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config {p} is not valid YAML{where}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {p} must be a mapping of option: value, got {type(data).__name__}")
+    return normalise_keys(data, source=f"config {p}")
+
+
+def load_mpp_csv(path: str | os.PathLike[str]) -> dict[str, float]:
+    """Read a ``slide,mpp`` CSV (header required) → slide key → µm/px.
+
+    The ``slide`` column may hold a slide id (file name without extension) or a file
+    name; both are accepted as keys when looking a slide up.
+    """
+    p = Path(path)
+    try:
+        f = open(p, encoding="utf-8-sig", newline="")
+    except OSError as e:
+        raise ConfigError(f"cannot read mpp CSV {p}: {e.strerror or e}") from e
+    out: dict[str, float] = {}
+    with f:
+        reader = csv.DictReader(f)
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "slide" not in cols or "mpp" not in cols:
+            raise ConfigError(f"mpp CSV {p} needs a header with columns 'slide,mpp', got {cols}")
+        reader.fieldnames = cols
+        for lineno, row in enumerate(reader, start=2):
+            key = (row.get("slide") or "").strip()
+            raw = (row.get("mpp") or "").strip()
+            if not key:
+                raise ConfigError(f"mpp CSV {p} line {lineno}: empty slide name")
+            try:
+                mpp = float(raw)
+            except ValueError:
+                raise ConfigError(f"mpp CSV {p} line {lineno}: mpp {raw!r} is not a number") from None
+            if not _positive(mpp):
+                raise ConfigError(f"mpp CSV {p} line {lineno}: mpp must be positive, got {raw!r}")
+            if key in out and not math.isclose(out[key], mpp):
+                raise ConfigError(f"mpp CSV {p} line {lineno}: slide {key!r} is listed twice")
+            out[key] = mpp
+    _logger.debug("read %d mpp overrides from %s", len(out), p)
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive(v: Any) -> bool:
+    return _number(v) and v > 0
+
+
+def _check_int(name: str, v: Any, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+
+
+__all__ = [
+    "SegmentationParams",
+    "TilingConfig",
+    "load_mpp_csv",
+    "load_yaml_options",
+    "mag_to_mpp",
+    "normalise_keys",
+]

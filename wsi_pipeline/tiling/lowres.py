@@ -1,0 +1,152 @@
+"""The low-resolution picture of a slide that tissue segmentation runs on.
+
+Level choice: among the pyramid levels at least ``seg_mpp / 4`` µm/px (≥ 2 µm/px for the
+default 8), the one closest to ``seg_mpp``; when the pyramid has none (a single-level or
+shallow slide), the coarsest level. That level is read in chunks of at most
+``chunk``×``chunk`` pixels (so level 0 of a huge non-pyramidal TIFF is never held whole)
+and each chunk is area-averaged by an integer factor ``round(seg_mpp / level_mpp)``, so
+segmentation always sees ≈ ``seg_mpp`` µm/px whatever the pyramid.
+
+A chunk that cannot be read is retried in small blocks; unreadable blocks become white
+(glass, hence background) and are counted. Above ``max_unreadable`` of the slide area the
+slide fails with :class:`SlideReadError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import SlideReadError
+from ..slide.base import SlideInfo
+from ..slide.write import area_downsample
+
+_logger = logging.getLogger(__name__)
+
+#: Largest read, in level pixels per side.
+CHUNK = 1024
+#: Block size used to salvage a chunk whose read failed.
+SALVAGE_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class LowRes:
+    """An RGB picture of the whole slide and how it maps to level 0."""
+
+    rgb: np.ndarray
+    mpp: float
+    scale: tuple[float, float]  # level-0 px per picture px (x, y)
+    level: int
+    factor: int
+    unreadable_fraction: float
+
+
+def choose_seg_level(info: SlideInfo, seg_mpp: float) -> tuple[int, int]:
+    """``(level, factor)``: the level to read and the integer area-averaging factor."""
+    mpps = [info.level_mpp(k) for k in range(info.level_count)]
+    candidates = [k for k, m in enumerate(mpps) if m >= seg_mpp / 4.0]
+    if candidates:
+        level = min(candidates, key=lambda k: (abs(mpps[k] - seg_mpp), -mpps[k]))
+    else:
+        level = int(np.argmax(mpps))
+    factor = max(1, int(round(seg_mpp / mpps[level])))
+    return level, factor
+
+
+def read_lowres(
+    slide: object,
+    info: SlideInfo,
+    level: int,
+    factor: int,
+    *,
+    chunk: int = CHUNK,
+    max_unreadable: float = 0.05,
+) -> LowRes:
+    """Read ``level`` of ``slide`` chunk by chunk, area-averaged by ``factor``.
+
+    ``slide`` is a :class:`wsi_pipeline.slide.Slide` (anything with ``read_region``);
+    ``info`` its metadata with the resolved mpp (file, CSV or default).
+    """
+    lw, lh = info.level_dimensions[level]
+    w0, h0 = info.dimensions
+    ds_x, ds_y = w0 / lw, h0 / lh
+    ds = info.level_downsamples[level]
+    step = max(factor, (chunk // factor) * factor)
+    out = np.empty((-(-lh // factor), -(-lw // factor), 3), dtype=np.uint8)
+    bad_px = 0
+    for cy in range(0, lh, step):
+        for cx in range(0, lw, step):
+            w, h = min(step, lw - cx), min(step, lh - cy)
+            try:
+                region = _read(slide, cx, cy, ds, level, w, h)
+            except SlideReadError as e:
+                _logger.warning("%s: chunk (%d, %d) at level %d unreadable (%s); salvaging in blocks",
+                                info.path, cx, cy, level, e)
+                region, bad = _salvage(slide, cx, cy, ds, level, w, h, factor)
+                bad_px += bad
+            out[cy // factor : cy // factor + -(-h // factor), cx // factor : cx // factor + -(-w // factor)] = (
+                _block_mean(region, factor)
+            )
+    unreadable = bad_px / float(lw * lh)
+    if unreadable > max_unreadable:
+        raise SlideReadError(
+            f"{info.path}: {unreadable:.0%} of level {level} is unreadable (corrupt tiles); "
+            "re-export or re-scan the slide"
+        )
+    return LowRes(
+        rgb=out,
+        mpp=info.level_mpp(level) * factor,
+        scale=(ds_x * factor, ds_y * factor),
+        level=level,
+        factor=factor,
+        unreadable_fraction=unreadable,
+    )
+
+
+def _block_mean(region: np.ndarray, factor: int) -> np.ndarray:
+    """:func:`area_downsample` without a full-size wide copy: the whole blocks are averaged in
+    place (reduction buffers only); only the partial edge strips take the general path."""
+    if factor == 1:
+        return region
+    h, w = region.shape[:2]
+    hf, wf = h - h % factor, w - w % factor
+    if (hf, wf) == (h, w) or hf == 0 or wf == 0:
+        return area_downsample(region, factor)
+    out = np.empty((-(-h // factor), -(-w // factor), region.shape[2]), dtype=np.uint8)
+    out[: hf // factor, : wf // factor] = area_downsample(region[:hf, :wf], factor)
+    if wf < w:
+        out[: hf // factor, wf // factor :] = area_downsample(region[:hf, wf:], factor)
+    if hf < h:
+        out[hf // factor :] = area_downsample(region[hf:], factor)
+    return out
+
+
+def _read(slide: object, cx: int, cy: int, ds: float, level: int, w: int, h: int) -> np.ndarray:
+    loc = (int(math.ceil(cx * ds)), int(math.ceil(cy * ds)))
+    region = np.asarray(slide.read_region(loc, level, (w, h)))  # type: ignore[attr-defined]
+    if region.shape != (h, w, 3):
+        raise SlideReadError(f"backend returned {region.shape} for a ({h}, {w}, 3) read")
+    return region
+
+
+def _salvage(
+    slide: object, cx: int, cy: int, ds: float, level: int, w: int, h: int, factor: int
+) -> tuple[np.ndarray, int]:
+    """Read a failed chunk in blocks; unreadable blocks are white. Returns (pixels, bad px)."""
+    region = np.full((h, w, 3), 255, dtype=np.uint8)
+    block = max(factor, (SALVAGE_BLOCK // factor) * factor)
+    bad = 0
+    for by in range(0, h, block):
+        for bx in range(0, w, block):
+            bw, bh = min(block, w - bx), min(block, h - by)
+            try:
+                region[by : by + bh, bx : bx + bw] = _read(slide, cx + bx, cy + by, ds, level, bw, bh)
+            except SlideReadError:
+                bad += bw * bh
+    return region, bad
+
+
+__all__ = ["LowRes", "choose_seg_level", "read_lowres"]

@@ -1,0 +1,325 @@
+"""The ``tile`` stage: slides in, coords h5 + thumbnail + tissue GeoJSON + status rows out.
+
+>>> results = tile_slides(["a.svs", "b.tif"], "out/", TilingConfig(min_tissue=0.5))  # doctest: +SKIP
+
+Per slide: open → resolve mpp (file, ``--mpp-csv``, ``--default-mpp``) → skip when the
+existing outputs validate for the same settings → read a ≈8 µm/px picture in chunks →
+segment tissue → global grid → write thumbnail, GeoJSON and finally the coords file (the
+resume marker), each through a temporary file and a rename. Every per-slide problem
+becomes a ``failed`` status row and one log line; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..config import TilingConfig, load_mpp_csv
+from ..errors import ConfigError, MissingMppError, WsiPipelineError
+from ..progress import NullProgress, Progress
+from ..slide.base import SlideInfo, is_finite_positive
+from ..store.atomic import ensure_writable_dir, remove_stale_temps
+from ..store.status import StatusRow, append_status
+
+_logger = logging.getLogger(__name__)
+
+STAGE = "tile"
+COORDS_DIR, THUMBNAIL_DIR, TISSUE_DIR = "coords", "thumbnails", "tissue"
+#: Attributes that must match for an existing coords file to count as done.
+VALIDATED_ATTRS = ("target_mpp", "patch_size", "overlap_fraction", "min_tissue", "mpp_level0", "level0_width",
+                   "level0_height", "patch_size_level0", "tiling_config")
+_DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif")
+#: Temporary files older than this are leftovers of a crashed run; younger ones may belong
+#: to a concurrent run on the same output folder and are left alone.
+STALE_TEMP_AGE_S = 600.0
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """Outcome of one slide: ``status`` is ``ok``, ``failed`` or ``skipped``."""
+
+    slide_id: str
+    path: str
+    status: str
+    reason: str = ""
+    n_patches: int | None = None
+    seconds: float = 0.0
+    coords_path: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    coords: Path
+    thumbnail: Path
+    tissue: Path
+
+    @classmethod
+    def of(cls, out_dir: str | os.PathLike[str], slide_id: str) -> OutputPaths:
+        out = Path(out_dir)
+        return cls(out / COORDS_DIR / f"{slide_id}.h5", out / THUMBNAIL_DIR / f"{slide_id}.png",
+                   out / TISSUE_DIR / f"{slide_id}.geojson")
+
+
+def slide_id_from_path(path: str | os.PathLike[str]) -> str:
+    """The file name without its extension (``.ome.tif(f)`` counts as one extension)."""
+    name = unicodedata.normalize("NFC", Path(path).name)
+    for suffix in _DOUBLE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    stem, _ = os.path.splitext(name)
+    return stem or name
+
+
+def check_unique_ids(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Slide ids of ``paths``; :class:`ConfigError` when two slides share one."""
+    seen: dict[str, str] = {}
+    ids = []
+    for p in paths:
+        sid = slide_id_from_path(p)
+        if sid in seen:
+            raise ConfigError(
+                f"two slides have the same id {sid!r}: {seen[sid]} and {os.fspath(p)}; "
+                "rename one or tile them into different output folders"
+            )
+        seen[sid] = os.fspath(p)
+        ids.append(sid)
+    return ids
+
+
+def tile_slides(
+    inputs: Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    config: TilingConfig | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> list[TileResult]:
+    """Tile every slide in ``inputs`` into ``out_dir``; one :class:`TileResult` per slide.
+
+    Raises before any work (:class:`ConfigError`) when two slides share an id or the mpp
+    CSV is invalid, and (:class:`~wsi_pipeline.errors.OutputError`) when ``out_dir`` is
+    not writable. Per-slide problems never raise: they are results with status ``failed``.
+    """
+    config = config or TilingConfig()
+    paths = [os.fspath(p) for p in inputs]
+    ids = check_unique_ids(paths)
+    check_backend(config.backend)
+    overrides = load_mpp_csv(config.mpp_csv) if config.mpp_csv else {}
+    out = ensure_writable_dir(out_dir)
+    for sub in (COORDS_DIR, THUMBNAIL_DIR, TISSUE_DIR):
+        n = remove_stale_temps(ensure_writable_dir(out / sub), min_age_s=STALE_TEMP_AGE_S)
+        if n:
+            _logger.info("removed %d temporary files left by an interrupted run in %s", n, out / sub)
+    unused = set(overrides) - set(ids) - {Path(p).name for p in paths}
+    if unused:
+        _logger.warning("mpp CSV lists %d slides that are not in this batch (e.g. %s)", len(unused),
+                        sorted(unused)[0])
+    progress = progress or NullProgress()
+    progress.start(len(paths))
+    results = []
+    try:
+        for path, sid in zip(paths, ids, strict=True):
+            progress.start_slide(sid, 1)
+            r = tile_slide(path, out, config, slide_id=sid, overwrite=overwrite, mpp_overrides=overrides)
+            progress.advance(1)
+            progress.end_slide(sid, r.status)
+            results.append(r)
+    finally:
+        progress.close()
+    return results
+
+
+def check_backend(name: str) -> None:
+    """:class:`ConfigError` unless ``name`` is ``auto`` or a registered backend."""
+    from ..slide import registered_backends
+
+    known = [s.name for s in registered_backends()]
+    if name != "auto" and name not in known:
+        raise ConfigError(f"unknown backend {name!r}; use auto or one of {', '.join(known)}")
+
+
+def tile_slide(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: TilingConfig | None = None,
+    *,
+    slide_id: str | None = None,
+    overwrite: bool = False,
+    mpp_overrides: Mapping[str, float] | None = None,
+) -> TileResult:
+    """Tile one slide, append its ``status.csv`` row and return the result (never raises
+    for a bad slide)."""
+    config = config or TilingConfig()
+    path = os.fspath(path)
+    sid = slide_id or slide_id_from_path(path)
+    t0 = time.perf_counter()
+    try:
+        result = _tile(path, Path(out_dir), config, sid, overwrite, mpp_overrides or {})
+    except WsiPipelineError as e:
+        result = _failed(sid, path, _one_line(e))
+    except Exception as e:  # a bug or an unexpected library error: still one line, batch goes on
+        _logger.debug("%s: unexpected error", sid, exc_info=True)
+        result = _failed(sid, path, f"unexpected {type(e).__name__}: {_one_line(e)} (rerun with -v for details)")
+    seconds = time.perf_counter() - t0
+    result = dataclasses.replace(result, seconds=seconds)
+    if result.status == "failed":
+        _logger.error("%s: %s", sid, result.reason)
+    append_status(out_dir, StatusRow(sid, STAGE, result.status, result.reason, result.n_patches, seconds))
+    return result
+
+
+def _failed(sid: str, path: str, reason: str) -> TileResult:
+    return TileResult(sid, path, "failed", reason)
+
+
+def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
+          overrides: Mapping[str, float]) -> TileResult:
+    from ..report.geojson import write_geojson
+    from ..report.thumbnail import render_thumbnail, write_thumbnail
+    from ..slide import open_slide
+    from ..store.coords import read_coords, write_coords
+    from .grid import grid_spec, select_patches
+    from .lowres import choose_seg_level, read_lowres
+    from .tissue import mask_to_polygons, segment_tissue
+
+    paths = OutputPaths.of(out, sid)
+    with open_slide(path, config.backend) as slide:
+        info = resolve_mpp(slide.info, sid, config, overrides)
+        spec = grid_spec(config.patch_size, config.target_mpp, info.mpp, config.overlap)
+        attrs = coords_attrs(info, sid, config, spec.patch_size_level0, slide.backend)
+        if not overwrite:
+            valid = outputs_valid(paths, {k: attrs[k] for k in VALIDATED_ATTRS})
+            if valid is True:
+                _logger.info("%s: outputs exist and validate; skipped (use --overwrite to redo)", sid)
+                n = len(read_coords(paths.coords)[0])
+                return TileResult(sid, path, "skipped", "outputs exist and validate", n, 0.0, str(paths.coords))
+            if paths.coords.exists():
+                _logger.info("%s: existing outputs are redone (%s)", sid, valid)
+        level, factor = choose_seg_level(info, config.seg_level_mpp)
+        low = read_lowres(slide, info, level, factor)
+    tissue = segment_tissue(low.rgb, low.mpp, config.segmentation)
+    coords, frac = select_patches(tissue.mask, low.scale, info.dimensions, spec, config.min_tissue)
+    polygons = mask_to_polygons(tissue.mask, low.scale)
+    attrs.update(
+        seg_level=low.level, seg_factor=low.factor, seg_mpp=low.mpp, seg_threshold=tissue.threshold,
+        tissue_area_um2=tissue.area_um2, unreadable_fraction=low.unreadable_fraction,
+        step_level0=spec.step_level0, n_patches=len(coords),
+    )
+    thumb = render_thumbnail(low.rgb, low.scale, polygons, coords, spec.patch_size_level0,
+                             max_side=config.thumbnail_max_side)
+    write_thumbnail(paths.thumbnail, thumb)
+    write_geojson(paths.tissue, polygons, {"slide_id": sid})
+    write_coords(paths.coords, coords, attrs, tissue_fraction=frac)  # last: it marks the slide done
+    reason = ""
+    if len(coords) == 0:
+        reason = "no tissue found" if not tissue.mask.any() else "no patch reaches min_tissue"
+        _logger.warning("%s: %s; empty coords written", sid, reason)
+    else:
+        _logger.info("%s: %d patches of %d px at %.3g µm/px", sid, len(coords), config.patch_size, config.target_mpp)
+    return TileResult(sid, path, "ok", reason, len(coords), 0.0, str(paths.coords))
+
+
+def resolve_mpp(info: SlideInfo, slide_id: str, config: TilingConfig, overrides: Mapping[str, float]) -> SlideInfo:
+    """Apply ``--mpp-csv`` (wins: it is explicit and per slide), else keep the file's mpp, else
+    ``--default-mpp`` (with a warning), else raise :class:`MissingMppError`."""
+    name = Path(info.path).name
+    key = slide_id if slide_id in overrides else name if name in overrides else None
+    has_mpp = is_finite_positive(info.mpp_x) and is_finite_positive(info.mpp_y)
+    if key is not None:
+        mpp = overrides[key]
+        if has_mpp and abs(info.mpp - mpp) > 0.01 * mpp:
+            _logger.warning("%s: mpp CSV says %.4g µm/px, the file says %.4g; using the CSV", slide_id, mpp, info.mpp)
+        return info.with_mpp(mpp, "csv")
+    if has_mpp:
+        return info
+    if config.default_mpp is not None:
+        _logger.warning("%s: slide has no mpp; assuming --default-mpp %.4g µm/px (recorded as mpp_source=default)",
+                        slide_id, config.default_mpp)
+        return info.with_mpp(config.default_mpp, "default")
+    raise MissingMppError(
+        f"slide has no physical resolution (mpp); give --mpp-csv (slide,mpp) or --default-mpp"
+        f" (file {name})"
+    )
+
+
+def coords_attrs(info: SlideInfo, slide_id: str, config: TilingConfig, patch_size_level0: int,
+                 backend: str) -> dict[str, Any]:
+    """TRIDENT + CLAM + provenance attributes of a coords file."""
+    w0, h0 = info.dimensions
+    patch_level = info.best_level_for_mpp(config.target_mpp)
+    lw, lh = info.level_dimensions[patch_level]
+    return {
+        # TRIDENT
+        "patch_size": int(config.patch_size),
+        "patch_size_level0": int(patch_size_level0),
+        "level0_magnification": 10.0 / info.mpp,
+        "target_magnification": 10.0 / config.target_mpp,
+        "overlap": int(round(config.overlap * config.patch_size)),
+        "level0_width": int(w0),
+        "level0_height": int(h0),
+        "name": slide_id,
+        # CLAM
+        "patch_level": int(patch_level),
+        "downsample": [float(w0 / lw), float(h0 / lh)],
+        "level_dim": [int(lw), int(lh)],
+        "downsampled_level_dim": [int(lw), int(lh)],
+        # ours
+        "mpp_level0": float(info.mpp),
+        "target_mpp": float(config.target_mpp),
+        "mpp_source": info.mpp_source,
+        "min_tissue": float(config.min_tissue),
+        "overlap_fraction": float(config.overlap),
+        "slide_path": os.path.abspath(info.path),
+        "backend": backend,
+        "backend_version": info.backend_version,
+        "wsi_pipeline_version": __version__,
+        "tiling_config": json.dumps(config.signature(), sort_keys=True),
+    }
+
+
+def outputs_valid(paths: OutputPaths, expected: Mapping[str, Any]) -> bool | str:
+    """``True`` when all three outputs exist and validate for ``expected``, else the reason."""
+    from ..errors import CorruptOutputError
+    from ..report.geojson import read_geojson
+    from ..report.thumbnail import validate_png
+    from ..store.coords import validate_coords
+
+    ok = validate_coords(paths.coords, expected)
+    if ok is not True:
+        return f"coords: {ok}"
+    png = validate_png(paths.thumbnail) if paths.thumbnail.exists() else "missing"
+    if png is not True:
+        return f"thumbnail: {png}"
+    try:
+        read_geojson(paths.tissue)
+    except CorruptOutputError as e:
+        return f"tissue GeoJSON: {e}"
+    return True
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+__all__ = [
+    "OutputPaths",
+    "TileResult",
+    "check_backend",
+    "check_unique_ids",
+    "coords_attrs",
+    "outputs_valid",
+    "resolve_mpp",
+    "slide_id_from_path",
+    "tile_slide",
+    "tile_slides",
+]
