@@ -184,3 +184,37 @@ def test_unreadable_tiles_become_blank_or_fail_the_slide(tiled, tmp_path):
     ok = embed_slides(out, EmbedConfig(model="convlm_test", slides_dir=str(tmp_path), max_failed_fraction=0.5), slide_ids=["a"])
     sf = get_store("h5").read(out / "features", ok.model_id, "a")
     assert ok.results[0].status == "ok" and sf.attrs["n_failed_patches"] == r.n_failed_patches
+
+
+def test_cli_embed_matches_reference_and_reports(tiled, tmp_path):
+    from click.testing import CliRunner
+
+    from wsi_pipeline.cli import main
+
+    out = _copy_out(tiled, tmp_path)
+    args = ["embed", str(out), "--model", "convlm_test", "--workers", "1", "--batch-size", "5", "--region-size", "512"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "3 ok, 0 failed, 0 skipped" in res.output
+    [fdir] = (out / "features").iterdir()
+    sf = get_store("h5").read(out / "features", fdir.name, "b")
+    ref = _reference_features(out / "coords" / "b.h5", EmbedConfig(model="convlm_test"))
+    np.testing.assert_allclose(sf.features, ref, atol=1e-5, rtol=0)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "0 ok, 0 failed, 3 skipped" in again.output
+
+
+def test_cli_embed_usage_errors(tiled, tmp_path):
+    from click.testing import CliRunner
+
+    from wsi_pipeline.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(main, ["embed", str(empty), "--model", "convlm_test"])
+    assert res.exit_code == 2 and "no coords files" in res.output and "Traceback" not in res.output
+    out = _copy_out(tiled, tmp_path)
+    res = CliRunner().invoke(main, ["embed", str(out), "--model", "no_such_model"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    res = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--prune-layers", "a,b"])
+    assert res.exit_code == 2 and "--prune-layers" in res.output

@@ -56,32 +56,48 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 
 class _TqdmProgress:
-    """A slide-count progress bar on stderr."""
+    """An overall slide bar on stderr, plus (``unit`` given) a per-slide bar with items/s."""
 
-    def __init__(self, desc: str) -> None:
+    def __init__(self, desc: str, unit: str | None = None) -> None:
         self.desc = desc
+        self.unit = unit
         self.bar: Any = None
+        self.item_bar: Any = None
 
     def start(self, total_slides: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_slides, desc=self.desc, unit="slide", file=sys.stderr, dynamic_ncols=True)
+        self.close()
+        self.bar = tqdm(total=total_slides, desc=self.desc, unit="slide", file=sys.stderr, dynamic_ncols=True,
+                        position=0)
 
     def start_slide(self, slide_id: str, total_items: int) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(slide_id[:40])
+        if self.unit:
+            from tqdm import tqdm
+
+            if self.item_bar is not None:
+                self.item_bar.close()
+            self.item_bar = tqdm(total=total_items, desc=slide_id[:24], unit=self.unit, file=sys.stderr,
+                                 dynamic_ncols=True, position=1, leave=False)
 
     def advance(self, n: int) -> None:
-        pass
+        if self.item_bar is not None:
+            self.item_bar.update(n)
 
     def end_slide(self, slide_id: str, status: str) -> None:
+        if self.item_bar is not None:
+            self.item_bar.close()
+            self.item_bar = None
         if self.bar is not None:
             self.bar.update(1)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        for bar in (self.item_bar, self.bar):
+            if bar is not None:
+                bar.close()
+        self.bar = self.item_bar = None
 
 
 def _die(message: str, code: int = 2) -> NoReturn:
@@ -174,6 +190,89 @@ def _verbosity(ctx: click.Context, verbose: int, quiet: bool) -> bool:
     return obj["quiet"]
 
 
+_TILING_OPTIONS = [
+    click.option("--backend", default="auto", show_default=True, help="Slide reader: auto, openslide, tiffslide, image."),
+    click.option("--target-mpp", type=float, default=0.5, show_default=True, help="Patch resolution in µm/px."),
+    click.option("--mag", type=float, help="Alias: target mpp = 10 / mag (20 → 0.5 µm/px)."),
+    click.option("--patch-size", type=int, default=256, show_default=True, help="Patch edge in px at the target mpp."),
+    click.option("--overlap", type=float, default=0.0, show_default=True, help="Overlap as a fraction of the patch."),
+    click.option("--min-tissue", type=float, default=0.25, show_default=True,
+                 help="Tissue fraction a patch needs (0: any tissue)."),
+    click.option("--seg-level-mpp", type=float, default=8.0, show_default=True,
+                 help="Resolution of the segmentation image (µm/px)."),
+    click.option("--threshold", default="otsu", show_default=True, help="Saturation threshold: otsu or 0..255."),
+    click.option("--min-tissue-area", type=float, default=40000.0, show_default=True,
+                 help="Remove tissue objects smaller than this (µm²)."),
+    click.option("--min-hole-area", type=float, default=16000.0, show_default=True,
+                 help="Fill holes smaller than this (µm²)."),
+    click.option("--mpp-csv", type=click.Path(dir_okay=False), help="CSV 'slide,mpp' with per-slide resolutions."),
+    click.option("--default-mpp", type=float, help="µm/px for slides without one (warned, recorded)."),
+]
+
+
+def tiling_options(f: Any) -> Any:
+    """The ``tile`` options (TilingConfig fields); ``classify`` reuses them."""
+    for option in reversed(_TILING_OPTIONS):
+        f = option(f)
+    return f
+
+
+
+def _default_workers() -> int:
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+_EMBED_OPTIONS = [
+    click.option("--model", default="convlm_test", show_default=True,
+                 help="Registered model name or open_clip:<arch> (see models/)."),
+    click.option("--weights", type=click.Path(dir_okay=False, exists=True),
+                 help="Local weights (.safetensors, or a torch checkpoint read with weights_only=True)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+    click.option("--workers", type=click.IntRange(min=0), default=_default_workers, show_default="cores - 1, max 8",
+                 help="Reader processes (0: read in the main process)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:i."),
+    click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+                 show_default=True, help="auto: bf16 on CUDA, fp32 on CPU."),
+    click.option("--keep-rate", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+                 help="Token keep rate at refining blocks (1.0: no refinement) [model default]."),
+    click.option("--prune-layers", default=None, help="Refining blocks, 0-based, e.g. 3,6,9 [model default]."),
+    click.option("--context", "context", default=None,
+                 help="Prompt file whose classes give the context vector, or 'none'."),
+    click.option("--store", type=click.Choice(["h5", "zarr"]), default="h5", show_default=True),
+    click.option("--slides", "slides_dir", type=click.Path(file_okay=False, exists=True),
+                 help="Folder holding the slides, when they moved since tiling."),
+    click.option("--region-size", type=click.IntRange(min=64), default=2048, show_default=True,
+                 help="Edge of one batched read at the read level (px)."),
+]
+
+
+def embed_options(f: Any) -> Any:
+    """The ``embed`` options (EmbedConfig fields); ``classify`` reuses them."""
+    for option in reversed(_EMBED_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _embed_config(params: dict[str, Any], overwrite: bool = False) -> Any:
+    from .embed.runner import EmbedConfig
+    from .errors import ConfigError
+
+    layers = params.get("prune_layers")
+    if layers is not None:
+        try:
+            layers = tuple(int(v) for v in str(layers).replace(" ", "").split(",") if v != "")
+        except ValueError:
+            raise ConfigError(f"--prune-layers {params['prune_layers']!r}: give block indices like 3,6,9") from None
+    context = params.get("context")
+    return EmbedConfig(
+        model=params["model"], weights=params.get("weights"), batch_size=params["batch_size"],
+        workers=params["workers"], device=params["device"], precision=params["precision"],
+        keep_rate=params.get("keep_rate"), prune_layers=layers,
+        context=None if context in (None, "none") else context, store=params["store"],
+        slides_dir=params.get("slides_dir"), region_size=params["region_size"], overwrite=overwrite,
+    )
+
+
 # -- verbs --------------------------------------------------------------------------------
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsi-pipeline")
@@ -188,27 +287,12 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @main.command()
 @click.argument("inputs", nargs=-1)
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Output folder (coords/, thumbnails/, tissue/, status.csv).")
+                 help="Output folder (coords/, thumbnails/, tissue/, status.csv).")
 @click.option("--list", "list_file", type=click.Path(dir_okay=False), help="Text file with one slide path per line.")
 @click.option("--recursive", is_flag=True, help="Descend into sub-folders of folder inputs.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML preset (configs/tiling/*.yaml); flags given here win.")
-@click.option("--backend", default="auto", show_default=True, help="Slide reader: auto, openslide, tiffslide, image.")
-@click.option("--target-mpp", type=float, default=0.5, show_default=True, help="Patch resolution in µm/px.")
-@click.option("--mag", type=float, help="Alias: target mpp = 10 / mag (20 → 0.5 µm/px).")
-@click.option("--patch-size", type=int, default=256, show_default=True, help="Patch edge in px at the target mpp.")
-@click.option("--overlap", type=float, default=0.0, show_default=True, help="Overlap as a fraction of the patch.")
-@click.option("--min-tissue", type=float, default=0.25, show_default=True,
-              help="Tissue fraction a patch needs (0: any tissue).")
-@click.option("--seg-level-mpp", type=float, default=8.0, show_default=True,
-              help="Resolution of the segmentation image (µm/px).")
-@click.option("--threshold", default="otsu", show_default=True, help="Saturation threshold: otsu or 0..255.")
-@click.option("--min-tissue-area", type=float, default=40000.0, show_default=True,
-              help="Remove tissue objects smaller than this (µm²).")
-@click.option("--min-hole-area", type=float, default=16000.0, show_default=True,
-              help="Fill holes smaller than this (µm²).")
-@click.option("--mpp-csv", type=click.Path(dir_okay=False), help="CSV 'slide,mpp' with per-slide resolutions.")
-@click.option("--default-mpp", type=float, help="µm/px for slides without one (warned, recorded).")
+                 help="YAML preset (configs/tiling/*.yaml); flags given here win.")
+@tiling_options
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist and validate.")
 @verbosity_options
 @click.pass_context
@@ -267,6 +351,29 @@ def info(ctx: click.Context, slide: str, backend: str, as_json: bool, verbose: i
         elif key == "level_mpp" and value is not None:
             value = ", ".join(f"{v:.4g}" for v in value)
         click.echo(f"{key.ljust(width)}  {value}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
+@embed_options
+@click.option("--overwrite", is_flag=True, help="Redo slides whose features exist and validate.")
+@verbosity_options
+@click.pass_context
+def embed(ctx: click.Context, out_dir: str, overwrite: bool, verbose: int, quiet: bool, **params: Any) -> None:
+    """Extract patch features for every slide tiled into OUT_DIR (out/coords/*.h5)."""
+    from .embed.runner import embed_slides, find_coords_files
+    from .errors import WsiPipelineError
+
+    quiet = _verbosity(ctx, verbose, quiet)
+    try:
+        cfg = _embed_config(params, overwrite)
+        if not find_coords_files(out_dir):
+            raise WsiPipelineError(f"no coords files in {Path(out_dir) / 'coords'}; run 'wsi-pipeline tile' first")
+        summary = embed_slides(out_dir, cfg, progress=None if quiet else _TqdmProgress("embed", unit="patch"))
+    except WsiPipelineError as e:
+        _die(str(e))
+    click.echo(f"{summary.line} -> {Path(out_dir) / 'features' / summary.model_id}")
+    ctx.exit(1 if summary.count("failed") else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
