@@ -1,0 +1,141 @@
+"""Model registry: ``register_model`` builders, ``list_models`` and ``create_model``.
+
+Registered names build native :class:`~wsi_pipeline.model.convlm.ViTConVLM` models from the
+JSON files in ``model_configs/``. Names of the form ``<schema>:<arch>`` are dispatched to a
+schema builder; the only schema is ``open_clip`` (see :mod:`wsi_pipeline.model.openclip`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from ..errors import ConfigError
+from .config import get_config
+from .convlm import ConVLM, ViTConVLM
+from .openclip import SCHEMA as OPEN_CLIP_SCHEMA
+from .openclip import build_open_clip
+from .weights import load_weights
+
+_logger = logging.getLogger(__name__)
+
+Builder = Callable[[], ConVLM]
+F = TypeVar("F", bound=Builder)
+
+_MODELS: dict[str, Builder] = {}
+_SCHEMAS: dict[str, Callable[[str], ConVLM]] = {OPEN_CLIP_SCHEMA: build_open_clip}
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def register_model(fn: F) -> F:
+    """Decorator: register a zero-argument builder under its function name."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is registered twice")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted (``open_clip:<arch>`` names are not listed)."""
+    return sorted(_MODELS)
+
+
+def list_schemas() -> list[str]:
+    """Prefixes accepted as ``<schema>:<arch>`` by :func:`create_model`."""
+    return sorted(_SCHEMAS)
+
+
+def create_model(
+    name: str,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> ConVLM:
+    """Build a model in eval mode.
+
+    Parameters
+    ----------
+    name
+        A name from :func:`list_models` or ``open_clip:<arch>``.
+    weights
+        Safetensors or torch checkpoint; ``None`` leaves the random init, drawn from the
+        global torch RNG (seed it for reproducible runs).
+    device
+        Torch device; ``"meta"`` builds shapes only (no weights may be given).
+    precision
+        Parameter dtype: ``fp32``, ``fp16`` or ``bf16``.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from e
+    if dev.type == "meta" and weights is not None:
+        raise ConfigError("weights cannot be loaded on the meta device; build on cpu or cuda")
+    builder = _resolve(name)
+    if dev.type == "meta":
+        with torch.device("meta"):
+            model = builder()
+    else:
+        model = builder()
+        if weights is not None:
+            load_weights(model, weights)
+    model = model.to(device=dev, dtype=PRECISIONS[precision])
+    model.eval()
+    _logger.info(
+        "created %s (%s, %s, weights %s)",
+        model.name,
+        dev,
+        precision,
+        model.weights_sha256[:12] if model.weights_sha256 else "random init",
+    )
+    return model
+
+
+def _resolve(name: str) -> Builder:
+    if name in _MODELS:
+        return _MODELS[name]
+    schema, sep, arch = str(name).partition(":")
+    if sep and schema in _SCHEMAS:
+        return lambda: _SCHEMAS[schema](arch)
+    raise ConfigError(
+        f"unknown model {name!r}; available: {', '.join(list_models())} or "
+        f"{', '.join(s + ':<arch>' for s in list_schemas())}"
+    )
+
+
+def _from_config(name: str) -> ConVLM:
+    return ViTConVLM(name, get_config(name))
+
+
+@register_model
+def convlm_test() -> ConVLM:
+    """Tiny ViT (width 64, depth 4, patch 8 at 32 px) + tiny text tower, for tests."""
+    return _from_config("convlm_test")
+
+
+@register_model
+def convlm_demo() -> ConVLM:
+    """Small ViT (width 192, depth 6, patch 16 at 128 px), trainable on a laptop CPU."""
+    return _from_config("convlm_demo")
+
+
+@register_model
+def convlm_vit_b16() -> ConVLM:
+    """ViT-B/16 at 224 px with a CLIP-B text tower, 512-d joint space."""
+    return _from_config("convlm_vit_b16")
+
+
+@register_model
+def convlm_vit_l16() -> ConVLM:
+    """ViT-L/16 at 224 px with a CLIP-L text tower, 768-d joint space."""
+    return _from_config("convlm_vit_l16")
+
+
+__all__ = ["PRECISIONS", "create_model", "list_models", "list_schemas", "register_model"]
