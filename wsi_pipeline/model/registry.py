@@ -127,6 +127,12 @@ def convlm_demo() -> ConVLM:
 
 
 @register_model
+def convlm_vit_s16() -> ConVLM:
+    """ViT-S/16 at 224 px (the EViT DeiT-S setting) with a CLIP-B text tower, 512-d joint space."""
+    return _from_config("convlm_vit_s16")
+
+
+@register_model
 def convlm_vit_b16() -> ConVLM:
     """ViT-B/16 at 224 px with a CLIP-B text tower, 512-d joint space."""
     return _from_config("convlm_vit_b16")
