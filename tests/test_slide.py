@@ -158,9 +158,29 @@ def test_backend_versions_name_the_libraries(svs_slide: FixtureSlide) -> None:
     assert tiffslide.__version__ in open_slide(svs_slide.path, "tiffslide").info.backend_version
 
 
-def test_auto_prefers_openslide_and_lists_backends_in_priority_order(svs_slide: FixtureSlide) -> None:
-    assert [s.name for s in registered_backends()][:3] == ["openslide", "tiffslide", "image"]
-    assert open_slide(svs_slide.path).backend == "openslide"
+@pytest.mark.parametrize(
+    ("ext", "order"),
+    [
+        (None, ["openslide", "tiffslide", "image"]),  # default priorities
+        (".svs", ["tiffslide", "openslide"]),  # TIFF family: the faster identical reader first
+        (".TIF", ["tiffslide", "openslide", "image"]),
+        (".tiff", ["tiffslide", "openslide", "image"]),
+        (".ndpi", ["openslide", "tiffslide"]),  # other vendors: OpenSlide first
+        (".scn", ["openslide", "tiffslide"]),
+        (".png", ["image"]),
+    ],
+)
+def test_auto_probing_order_per_extension(ext: str | None, order: list[str]) -> None:
+    names = [s.name for s in registered_backends(ext) if ext is None or ext.lower() in s.extensions]
+    assert names[: len(order)] == order and len(names) == len(order)
+
+
+@pytest.mark.parametrize("fixture", ["svs_slide", "tiff_slide", "nompp_slide"])
+def test_auto_reads_aperio_and_generic_tiff_with_tiffslide(request: pytest.FixtureRequest, fixture: str) -> None:
+    fs: FixtureSlide = request.getfixturevalue(fixture)
+    with open_slide(fs.path) as s:
+        assert s.backend == "tiffslide" and s.info.backend == "tiffslide"
+        assert all(level is not None for level in s._get_handle()._levels)  # the tile-decoding path
 
 
 # -- pixels: openslide == tiffslide, truth, white outside -------------------------------------
@@ -207,12 +227,68 @@ def test_pixels_match_truth_and_outside_is_white(svs_slide: FixtureSlide, backen
         assert (s.read_region((-300, -300), 0, (200, 200)) == WHITE).all()
 
 
-def test_premultiplied_alpha_is_composited_on_white() -> None:
-    from wsi_pipeline.slide._openslide import premultiplied_rgba_to_rgb
+def test_premultiplied_argb_is_composited_on_white() -> None:
+    from wsi_pipeline.slide._openslide import argb32_to_rgb
 
-    rgba = np.array([[[100, 50, 0, 255], [0, 0, 0, 0], [60, 30, 10, 128]]], np.uint8)
-    expected = np.array([[[100, 50, 0], [255, 255, 255], [60 + 127, 30 + 127, 10 + 127]]], np.uint8)
-    np.testing.assert_array_equal(premultiplied_rgba_to_rgb(rgba), expected)
+    pixels = [(100, 50, 0, 255), (0, 0, 0, 0), (60, 30, 10, 128), (16, 0, 16, 16)]  # (r, g, b, a)
+    argb = np.array([[(a << 24) | (r << 16) | (g << 8) | b for r, g, b, a in pixels]], np.uint32)
+    expected = np.array([[[100, 50, 0], [255, 255, 255], [60 + 127, 30 + 127, 10 + 127], [255, 239, 255]]],
+                        np.uint8)
+    np.testing.assert_array_equal(argb32_to_rgb(argb), expected)
+    opaque = argb[:, :1].repeat(3, axis=1)
+    np.testing.assert_array_equal(argb32_to_rgb(opaque), np.full((1, 3, 3), [100, 50, 0], np.uint8))
+    assert argb32_to_rgb(np.zeros((0, 5), np.uint32)).shape == (0, 5, 3)
+
+
+def _edge_regions(fs: FixtureSlide) -> list[tuple[tuple[int, int], int, tuple[int, int]]]:
+    """Reads at levels > 0 from locations that are not multiples of the downsample: OpenSlide
+    resamples them and returns partly transparent pixels along the slide edges."""
+    w, h = fs.size
+    d1 = fs.downsamples[1]
+    return [((w - d1 * 50 + 1, h - d1 * 30 + 3), 1, (128, 128)), ((w - d1 * 40 - 2, 5), 1, (96, 64))]
+
+
+def test_openslide_fast_path_matches_openslide_python(svs_slide: FixtureSlide) -> None:
+    """The raw premultiplied read equals openslide-python's straight RGBA composited on white."""
+    import openslide
+
+    from wsi_pipeline.slide._openslide import straight_rgba_to_rgb
+
+    partial = 0
+    with open_slide(svs_slide.path, "openslide") as ours, openslide.OpenSlide(str(svs_slide.path)) as ref:
+        assert ours._get_handle()._read_raw is not None  # the fast path is in use
+        for loc, level, size in _regions(svs_slide) + _edge_regions(svs_slide):
+            rgba = np.asarray(ref.read_region(loc, level, size))
+            expected = straight_rgba_to_rgb(rgba).astype(np.int16)
+            got = ours.read_region(loc, level, size).astype(np.int16)
+            alpha = rgba[..., 3]
+            exact = (alpha == 0) | (alpha == 255)
+            np.testing.assert_array_equal(got[exact], expected[exact], err_msg=f"{loc} level {level}")
+            assert np.abs(got - expected).max() <= 1  # un-premultiplying rounds
+            partial += int((~exact).sum())
+    assert partial > 100  # the edge reads did exercise partial alpha
+
+
+def test_openslide_public_api_fallback(svs_slide: FixtureSlide, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_pipeline.slide import _openslide
+
+    with open_slide(svs_slide.path, "openslide") as fast:
+        expected = [fast.read_region(*r) for r in _regions(svs_slide) + _edge_regions(svs_slide)]
+    monkeypatch.setattr(_openslide, "_lowlevel_reader", lambda: None)
+    with open_slide(svs_slide.path, "openslide") as slow:
+        assert slow._get_handle()._read_raw is None
+        for r, want in zip(_regions(svs_slide) + _edge_regions(svs_slide), expected, strict=True):
+            got = slow.read_region(*r).astype(np.int16)
+            assert np.abs(got - want).max() <= 1, r
+
+
+def test_straight_alpha_composite_rounds_to_nearest() -> None:
+    from wsi_pipeline.slide._openslide import straight_rgba_to_rgb
+
+    rgba = np.array([[[200, 100, 0, 128], [7, 8, 9, 255], [1, 2, 3, 0]]], np.uint8)
+    c, a = np.array([200, 100, 0]), 128
+    expected = np.array([[np.round(c * a / 255 + 255 - a), [7, 8, 9], [255, 255, 255]]], np.uint8)
+    np.testing.assert_array_equal(straight_rgba_to_rgb(rgba), expected)
 
 
 def test_level_out_of_range_is_a_read_error(tiff_slide: FixtureSlide) -> None:
@@ -283,19 +359,139 @@ def test_auto_falls_back_to_the_next_backend(monkeypatch: pytest.MonkeyPatch, ti
     monkeypatch.setitem(slide_base._BACKENDS, "refusing", spec)
     _RefusingBackend.opened = 0
     with open_slide(tiff_slide.path) as s:
-        assert s.backend == "openslide"
+        assert s.backend == "tiffslide"
     assert _RefusingBackend.opened == 1
     with pytest.raises(SlideOpenError, match="refusing cannot open it: refusing backend says no$"):
         open_slide(tiff_slide.path, "refusing")
 
 
-def test_auto_falls_back_from_openslide_to_tiffslide_on_stripped_tiff(tmp_path: Path) -> None:
+def test_stripped_tiff_is_read_through_tiffslides_zarr_store(tmp_path: Path) -> None:
     rgb, _ = tissue_image(300, 200, n_blobs=1, seed=2)
     path = tmp_path / "stripped.tif"
     tifffile.imwrite(path, rgb, photometric="rgb", metadata=None)  # not tiled: OpenSlide refuses it
+    with pytest.raises(SlideOpenError, match="openslide cannot open it"):
+        open_slide(path, "openslide")
+    with open_slide(path) as s:
+        assert s.backend == "tiffslide" and s._get_handle()._levels == [None]
+        np.testing.assert_array_equal(s.read_region((10, 20), 0, (100, 50)), rgb[20:70, 10:110])
+
+
+class _DeferringBackend:
+    """Opens anything, asks ``auto`` to try the next backend first, counts closes."""
+
+    name: ClassVar[str] = "deferring"
+    closed = 0
+
+    def __init__(self, path: str) -> None:
+        self.info = SlideInfo(path, self.name, "0", ((64, 64),), (1.0,))
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return np.zeros((size[1], size[0], 3), np.uint8)
+
+    def close(self) -> None:
+        type(self).closed += 1
+
+
+def test_deferring_backend_yields_to_the_next_and_is_closed(monkeypatch: pytest.MonkeyPatch,
+                                                             tiff_slide: FixtureSlide) -> None:
+    spec = slide_base.BackendSpec("deferring", _DeferringBackend, 0, frozenset({".tif"}), lambda: True,
+                                  lambda: "0", {}, lambda handle: "test says so")
+    monkeypatch.setitem(slide_base._BACKENDS, "deferring", spec)
+    _DeferringBackend.closed = 0
+    with open_slide(tiff_slide.path) as s:
+        assert s.backend == "tiffslide"  # the next candidate for .tif
+    assert _DeferringBackend.closed == 1
+    assert open_slide(tiff_slide.path, "deferring").backend == "deferring"  # explicit choice: no deferring
+
+
+def _j2k_svs(path: Path, compression: int | str) -> tuple[Path, np.ndarray]:
+    rgb, _ = tissue_image(768, 512, n_blobs=1, seed=9)
+    desc = "Aperio Image Library v12.0.15 \r\n768x512 [0,0 768x512] (256x256) J2K|AppMag = 20|MPP = 0.5"
+    tifffile.imwrite(path, rgb, photometric="rgb", tile=(256, 256), compression=compression, description=desc,
+                     metadata=None)
+    return path, rgb
+
+
+def test_jpeg2000_svs_is_left_to_openslide(tmp_path: Path) -> None:
+    """Aperio JPEG 2000 tiles (33005): tiffslide defers, OpenSlide reads the file."""
+    path, rgb = _j2k_svs(tmp_path / "j2k.svs", 33005)
+    with open_slide(path) as s:
+        assert s.backend == "openslide"
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (768, 512)), rgb)  # lossless J2K
+    with open_slide(path, "tiffslide") as t:  # still readable on request
+        np.testing.assert_array_equal(t.read_region((0, 0), 0, (768, 512)), rgb)
+
+
+def test_deferred_tiffslide_is_used_when_openslide_cannot_open(tmp_path: Path) -> None:
+    path, rgb = _j2k_svs(tmp_path / "j2k-generic.svs", "jpeg2000")  # 34712: not an OpenSlide codec
+    with pytest.raises(SlideOpenError, match="openslide cannot open it"):
+        open_slide(path, "openslide")
     with open_slide(path) as s:
         assert s.backend == "tiffslide"
-        np.testing.assert_array_equal(s.read_region((10, 20), 0, (100, 50)), rgb[20:70, 10:110])
+        np.testing.assert_array_equal(s.read_region((100, 50), 0, (300, 200)), rgb[50:250, 100:400])
+
+
+def test_defer_reasons_for_other_vendors_and_codecs(tiff_slide: FixtureSlide) -> None:
+    from wsi_pipeline.slide._tiffslide import TiffSlideBackend, defer_reason
+
+    handle = TiffSlideBackend(str(tiff_slide.path))
+    try:
+        assert handle.vendor == "" and handle.codecs == {7} and defer_reason(handle) is None
+        handle.vendor = "philips_tiff"
+        assert "vendor 'philips_tiff'" in str(defer_reason(handle))
+        handle.vendor, handle.codecs = "aperio", frozenset({7, 33003})
+        assert "compression [33003]" in str(defer_reason(handle))
+    finally:
+        handle.close()
+
+
+def test_tiffslide_missing_tiles_are_white_like_openslide(tmp_path: Path) -> None:
+    """Tiles with byte count 0 (left out by the scanner) are white in both readers."""
+    rgb, _ = tissue_image(768, 512, n_blobs=2, seed=11)
+    path = write_slide(tmp_path / "sparse.svs", rgb, mpp=0.5, levels=(1, 2), tile_size=256)
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        counts = list(tf.pages[0].databytecounts)
+        counts[1] = 0  # tile (1, 0)
+        tf.pages[0].tags["TileByteCounts"].overwrite(counts)
+    with open_slide(path, "openslide") as a, open_slide(path, "tiffslide") as b:
+        assert b._get_handle()._levels[0] is not None
+        pa, pb = a.read_region((200, 0), 0, (400, 300)), b.read_region((200, 0), 0, (400, 300))
+        assert (pb[:256, 56:312] == WHITE).all() and not (pb[:256, :56] == WHITE).all()
+        np.testing.assert_array_equal(pa, pb)
+
+
+def test_tiffslide_tile_path_reads_grey_tiles(tmp_path: Path) -> None:
+    grey = np.arange(300 * 200, dtype=np.uint32).reshape(200, 300).astype(np.uint8)
+    path = tmp_path / "grey.tif"
+    tifffile.imwrite(path, grey, tile=(64, 64), compression="zlib", metadata=None)
+    with open_slide(path, "tiffslide") as s:
+        assert s._get_handle()._levels[0] is not None
+        got = s.read_region((250, 150), 0, (100, 80))
+    assert (got[50:] == WHITE).all() and (got[:, 50:] == WHITE).all()
+    np.testing.assert_array_equal(got[:50, :50], np.repeat(grey[150:, 250:, None], 3, axis=2))
+
+
+def test_tiffslide_tile_path_equals_zarr_path(svs_slide: FixtureSlide) -> None:
+    with open_slide(svs_slide.path, "tiffslide") as s:
+        handle = s._get_handle()
+        fast = [s.read_region(*r) for r in _regions(svs_slide)]
+        handle._levels = [None] * len(handle._levels)  # force tiffslide's zarr store
+        for r, want in zip(_regions(svs_slide), fast, strict=True):
+            np.testing.assert_array_equal(s.read_region(*r), want, err_msg=str(r))
+
+
+def test_tiffslide_close_releases_the_file_descriptor(tiff_slide: FixtureSlide) -> None:
+    import os
+
+    from wsi_pipeline.slide._tiffslide import TiffSlideBackend
+
+    handle = TiffSlideBackend(str(tiff_slide.path))
+    fd = handle._fd
+    os.fstat(fd)
+    handle.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    handle.close()  # idempotent
 
 
 # -- open errors -------------------------------------------------------------------------------

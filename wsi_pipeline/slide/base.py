@@ -3,9 +3,15 @@
 A *backend* (openslide, tiffslide, plain image, ...) is a class implementing
 :class:`SlideBackend`; it registers itself with :func:`register_backend`. Users never
 touch backends directly: :func:`wsi_pipeline.slide.open_slide` returns a :class:`Slide`,
-which picks a backend (``auto`` probes by priority and falls back), keeps one handle per
-process (safe to pickle into DataLoader workers under fork and spawn) and reopens once
-after a read error, because OpenSlide errors are sticky.
+which picks a backend, keeps one handle per process (safe to pickle into DataLoader
+workers under fork and spawn) and reopens once after a read error, because OpenSlide
+errors are sticky.
+
+``auto`` tries the backends that list the file's extension, in order of their priority
+for that extension (:meth:`BackendSpec.priority_for`), and takes the first that opens
+it. A backend may also *defer* on a file it opened (:attr:`BackendSpec.defer` gives a
+reason): the next candidate is then tried first, and the deferred handle is used only
+if that one cannot open the file.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -119,7 +125,12 @@ class SlideBackend(Protocol):
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """Registry entry: lower ``priority`` is tried first by ``auto``."""
+    """Registry entry: lower priority is tried first by ``auto``.
+
+    ``ext_priority`` overrides ``priority`` for some extensions (lower-case, with the
+    dot). ``defer``, given a handle this backend opened under ``auto``, returns why the
+    next candidate should read the file instead, or ``None``.
+    """
 
     name: str
     factory: Callable[[str], SlideBackend]
@@ -127,6 +138,12 @@ class BackendSpec:
     extensions: frozenset[str]
     is_available: Callable[[], bool]
     version: Callable[[], str]
+    ext_priority: Mapping[str, int] = field(default_factory=dict, hash=False)
+    defer: Callable[[SlideBackend], str | None] | None = None
+
+    def priority_for(self, ext: str | None) -> int:
+        """Probing priority for files with extension ``ext`` (``None``: the default)."""
+        return self.ext_priority.get(ext.lower(), self.priority) if ext else self.priority
 
 
 _BACKENDS: dict[str, BackendSpec] = {}
@@ -140,16 +157,19 @@ def register_backend(
     extensions: set[str] | frozenset[str],
     is_available: Callable[[], bool],
     version: Callable[[], str],
+    ext_priority: Mapping[str, int] | None = None,
+    defer: Callable[[SlideBackend], str | None] | None = None,
 ) -> None:
     """Add a backend to the registry (idempotent for the same name)."""
     _BACKENDS[name] = BackendSpec(
-        name, factory, priority, frozenset(e.lower() for e in extensions), is_available, version
+        name, factory, priority, frozenset(e.lower() for e in extensions), is_available, version,
+        {e.lower(): int(p) for e, p in (ext_priority or {}).items()}, defer,
     )
 
 
-def registered_backends() -> list[BackendSpec]:
-    """All registered backends, in ``auto`` probing order."""
-    return sorted(_BACKENDS.values(), key=lambda s: (s.priority, s.name))
+def registered_backends(ext: str | None = None) -> list[BackendSpec]:
+    """All registered backends, in ``auto`` probing order for files with extension ``ext``."""
+    return sorted(_BACKENDS.values(), key=lambda s: (s.priority_for(ext), s.name))
 
 
 def get_backend(name: str) -> BackendSpec:

@@ -34,19 +34,33 @@ def _probe(path: str, backend: str) -> tuple[str, SlideBackend]:
             return spec.name, spec.factory(path)
         except Exception as e:  # backend-specific exception types
             raise SlideOpenError(f"{path}: {backend} cannot open it: {_one_line(e)}") from e
-    candidates = [s for s in registered_backends() if ext in s.extensions and s.is_available()]
+    candidates = [s for s in registered_backends(ext) if ext in s.extensions and s.is_available()]
     if not candidates:
         known = sorted({e for s in registered_backends() for e in s.extensions})
         raise UnsupportedFormatError(
             f"{path}: unsupported extension {ext or '(none)'!r} (supported: {' '.join(known)})"
         )
     errors: list[str] = []
+    deferred: tuple[str, SlideBackend] | None = None  # opened, but prefers the next candidate
     for spec in candidates:
         try:
-            return spec.name, spec.factory(path)
+            handle = spec.factory(path)
         except Exception as e:
             errors.append(f"{spec.name}: {_one_line(e)}")
             _logger.debug("backend %s failed on %s: %s", spec.name, path, e)
+            if deferred is not None:
+                return deferred
+            continue
+        reason = spec.defer(handle) if spec.defer is not None and deferred is None else None
+        if reason:
+            _logger.debug("backend %s defers on %s: %s", spec.name, path, reason)
+            deferred = (spec.name, handle)
+            continue
+        if deferred is not None:
+            deferred[1].close()
+        return spec.name, handle
+    if deferred is not None:
+        return deferred
     raise SlideOpenError(f"{path}: not a readable slide ({'; '.join(errors)})")
 
 
@@ -133,5 +147,10 @@ class Slide:
 
 
 def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
-    """Open a slide: ``backend`` is ``auto`` (probe by priority, fall back) or a registered name."""
+    """Open a slide: ``backend`` is ``auto`` (probe by priority, fall back) or a registered name.
+
+    ``auto`` reads ``.svs``/``.tif``/``.tiff`` with tiffslide unless the file is another
+    vendor's layout or uses a codec other than JPEG/deflate/LZW/none (then OpenSlide
+    first); every other slide format with OpenSlide; plain images with the image backend.
+    """
     return Slide(path, backend)
