@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner, Result
 from slide_factory import FixtureSlide
 
-from wsi_pipeline.cli import collect_inputs, main
+from wsi_pipeline.cli import main
 from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.inputs import collect_inputs
 from wsi_pipeline.store.coords import read_coords
 from wsi_pipeline.store.status import read_status
 
@@ -68,7 +69,7 @@ def test_list_files_with_at_sign_and_option(slide_dir: Path, tmp_path: Path) -> 
     r = _run("tile", "--list", str(lst), "-o", str(tmp_path / "o2"))
     assert r.exit_code == 0
     assert len(list((tmp_path / "o2" / "coords").iterdir())) == 2
-    assert collect_inputs([str(slide_dir / "a.tif")]) == [str(slide_dir / "a.tif")]
+    assert collect_inputs([str(slide_dir / "a.tif")]) == [slide_dir / "a.tif"]
     with pytest.raises(ConfigError, match="does not exist"):
         collect_inputs([str(tmp_path / "nope.svs")])
 

@@ -107,54 +107,12 @@ def _die(message: str, code: int = 2) -> NoReturn:
 
 
 # -- inputs -------------------------------------------------------------------------------
-def _slide_extensions() -> set[str]:
-    from .slide import registered_backends
+def _collect(inputs: Iterable[str], list_file: str | None, recursive: bool) -> list[str]:
+    """INPUTS plus ``--list`` expanded (folders, ``@list.txt``) into slide paths."""
+    from .inputs import collect_inputs
 
-    return {e for spec in registered_backends() for e in spec.extensions}
-
-
-def collect_inputs(items: Iterable[str], list_file: str | None = None, recursive: bool = False) -> list[str]:
-    """Expand folders (slide extensions only; ``recursive`` descends), ``@list.txt`` and
-    ``--list`` files (one path per line, ``#`` comments; relative paths are taken relative to
-    the list's folder when they exist there) and single files into a list of slide paths."""
-    from .errors import ConfigError
-
-    out: list[str] = []
-    lists = [list_file] if list_file else []
-    for item in items:
-        if item.startswith("@") and len(item) > 1:
-            lists.append(item[1:])
-            continue
-        p = Path(item)
-        if p.is_dir():
-            exts = _slide_extensions()
-            found = p.rglob("*") if recursive else p.iterdir()
-            files = sorted(f for f in found if f.is_file() and not f.name.startswith(".")
-                           and f.suffix.lower() in exts)
-            if not files:
-                raise ConfigError(f"no slide files in folder {p} (extensions: {' '.join(sorted(exts))})")
-            out.extend(str(f) for f in files)
-        elif p.exists():
-            out.append(str(p))
-        else:
-            raise ConfigError(f"input {item!r} does not exist")
-    for lf in lists:
-        base = Path(lf).parent
-        try:
-            lines = Path(lf).read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise ConfigError(f"cannot read slide list {lf}: {e.strerror or e}") from e
-        for line in lines:
-            entry = line.strip()
-            if not entry or entry.startswith("#"):
-                continue
-            q = Path(entry)
-            if not q.is_absolute() and (base / q).exists():
-                q = base / q
-            out.append(str(q))
-    if not out:
-        raise ConfigError("no input slides given")
-    return out
+    items = [*inputs, *([f"@{list_file}"] if list_file else [])]
+    return [str(p) for p in collect_inputs(items, recursive=recursive)]
 
 
 def _tiling_config(ctx: click.Context, config_file: str | None, params: dict[str, Any]) -> Any:
@@ -306,7 +264,7 @@ def tile(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, list_file: s
     quiet = _verbosity(ctx, verbose, quiet)
     try:
         config = _tiling_config(ctx, config_file, params)
-        slides = collect_inputs(inputs, list_file, recursive)
+        slides = _collect(inputs, list_file, recursive)
         # raises before any work: duplicate ids, unknown backend, bad mpp CSV, unwritable -o
         results = tile_slides(slides, out_dir, config, overwrite=overwrite,
                               progress=None if quiet else _TqdmProgress("tile"))
@@ -374,6 +332,49 @@ def embed(ctx: click.Context, out_dir: str, overwrite: bool, verbose: int, quiet
         _die(str(e))
     click.echo(f"{summary.line} -> {Path(out_dir) / 'features' / summary.model_id}")
     ctx.exit(1 if summary.count("failed") else 0)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1)
+@click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Prompt file (YAML, or CONCH/MI-Zero JSON); see configs/prompts/.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--list", "list_file", type=click.Path(dir_okay=False), help="Text file with one slide path per line.")
+@click.option("--recursive", is_flag=True, help="Descend into sub-folders of folder inputs.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Tiling YAML preset.")
+@tiling_options
+@embed_options
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="K of top-K pooling [prompt file, else 50].")
+@click.option("--labels", type=click.Path(dir_okay=False, exists=True), help="CSV slide_id,label: adds metrics.")
+@click.option("--prompt-sets", type=click.IntRange(min=0), default=0, show_default=True,
+              help="MI-Zero robustness: N random single-synonym prompt sets (needs --labels).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompt-set sampling.")
+@click.option("--no-visuals", is_flag=True, help="Skip heatmaps, montages and report.html.")
+@verbosity_options
+@click.pass_context
+def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out_dir: str, list_file: str | None,
+             recursive: bool, config_file: str | None, top_k: int | None, labels: str | None, prompt_sets: int,
+             seed: int, no_visuals: bool, verbose: int, quiet: bool, **params: Any) -> None:
+    """Tile and embed INPUTS where needed, then classify them zero-shot (no INPUTS: what OUT holds)."""
+    from .classify.stage import classify_slides
+    from .errors import WsiPipelineError
+
+    quiet = _verbosity(ctx, verbose, quiet)
+    try:
+        tiling = _tiling_config(ctx, config_file, params)
+        embed = _embed_config(params)
+        slides = _collect(inputs, list_file, recursive) if inputs or list_file else None
+        summary = classify_slides(slides, out_dir, prompts_path, tiling=tiling, embed=embed, top_k=top_k,
+                                  labels=labels, prompt_sets=prompt_sets, seed=seed, visuals=not no_visuals,
+                                  progress=None if quiet else _TqdmProgress("classify", unit="patch"))
+    except WsiPipelineError as e:
+        _die(str(e))
+    click.echo(summary.table())
+    if summary.metrics:
+        click.echo("")
+        click.echo(summary.metrics_block())
+    click.echo(summary.line)
+    ctx.exit(1 if summary.n_failed else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -217,7 +217,7 @@ def score_slide_sets(
     scale = float(torch.as_tensor(model.logit_scale).detach().float().exp().cpu())
     n = int(feats.shape[0]) if feats.ndim >= 1 else 0
     if n == 0:
-        _logger.info("slide has no patches: status %s", STATUS_NO_TISSUE)
+        _logger.debug("slide has no patches: status %s", STATUS_NO_TISSUE)
         empty = np.zeros((0, n_cls))
         return [SlideScores(STATUS_NO_TISSUE, class_names, 0, ks, scale, empty) for _ in blocks]
     if feats.ndim != 2:
@@ -269,7 +269,9 @@ def _cosine_similarity(
                     f"projected dim {z.shape[-1]} != text classifier dim {w.shape[1]}; "
                     f"build the text classifier with {model.name}"
                 )
-            out.append((F.normalize(z.float(), dim=-1) @ w.T).cpu())
+            z = z.float()
+            # == F.normalize(z) @ w.T, without materialising the normalised copy of z
+            out.append(((z @ w.T) / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu())
     return torch.cat(out).double().numpy()
 
 

@@ -71,7 +71,7 @@ def build_text_classifier(
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     path = cache_path(model, prompts, cache_dir) if cache_dir is not None else None
     if cache_dir is not None and path is None:
-        _logger.info("model %s has no weights hash; text classifier not cached", model.name)
+        _logger.debug("model %s has no weights hash; text classifier not cached", model.name)
     if path is not None and path.exists():
         cached = _read_cache(path, model, prompts)
         if cached is not None:
@@ -123,7 +123,7 @@ def _encode_classes(model: TextModel, prompts: PromptSet, batch_size: int) -> to
         raise CheckpointError(f"text tower of {model.name} produced non-finite embeddings; check the weights")
     per_class = torch.split(emb, [len(texts[c]) for c in prompts.class_names])
     weights = torch.stack([F.normalize(e.mean(dim=0), dim=-1) for e in per_class])
-    _logger.info(
+    _logger.debug(
         "text classifier %s: %d classes x %d prompts on %s", prompts.name, len(per_class), len(flat), model.name
     )
     return weights.contiguous()

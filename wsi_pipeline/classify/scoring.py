@@ -1,0 +1,142 @@
+"""Scoring stored features: read each slide's feature file, score it, one row per slide.
+
+Reading runs in a background thread one slide ahead of scoring, so the disk read of slide
+``i + 1`` overlaps the projection and similarity of slide ``i`` (torch releases the GIL in
+its matrix products). Used by :func:`~.stage.classify_slides` and by the benchmark.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..errors import ConfigError, WsiPipelineError
+from ..progress import NullProgress, Progress
+from ..store.features import SlideFeatures, get_store
+from ..store.status import StatusRow, append_status
+from .outputs import SlidePrediction
+from .pooling import ProjectionModel, SlideScores, score_slide_sets
+
+_logger = logging.getLogger(__name__)
+
+STAGE = "classify"
+
+#: Called after a slide is scored: (slide_id, scores, features) → visuals entry for the JSON.
+OnScored = Callable[[str, SlideScores, SlideFeatures], dict[str, Any]]
+
+
+def score_features(
+    features_dir: str | os.PathLike[str],
+    model_id: str,
+    slide_ids: Sequence[str],
+    model: ProjectionModel | None,
+    classifiers: Sequence[Any],
+    class_names: Sequence[str],
+    ks: Sequence[int],
+    *,
+    store: str = "h5",
+    failed: dict[str, str] | None = None,
+    on_scored: OnScored | None = None,
+    progress: Progress | None = None,
+    status_dir: str | os.PathLike[str] | None = None,
+) -> tuple[list[SlidePrediction], dict[str, list[str | None]], dict[str, float]]:
+    """Score stored features: one row per slide id, in order.
+
+    ``classifiers[0]`` is the prompt ensemble (the rows); the others are extra prompt sets,
+    whose primary-K predictions are returned per slide. ``failed`` slides (id → reason) are
+    not read. Features are read in a background thread one slide ahead of scoring.
+
+    Returns
+    -------
+    rows, set_predictions, timings
+        ``timings`` holds ``read`` (seconds spent reading, overlapped with scoring),
+        ``read_wait`` (seconds scoring waited for a read), ``score``, ``visuals`` and ``scoring_total``.
+    """
+    failed = dict(failed or {})
+    st = get_store(store)
+    progress = progress or NullProgress()
+    todo = [s for s in slide_ids if s not in failed]
+    timings = dict.fromkeys(("read", "read_wait", "score", "visuals"), 0.0)
+    results: dict[str, SlidePrediction] = {}
+    set_preds: dict[str, list[str | None]] = {}
+    t_all = time.perf_counter()
+    progress.start(len(slide_ids))
+    try:
+        for sid, loaded, read_s, wait_s in _prefetched(todo, lambda s: st.read(features_dir, model_id, s)):
+            t0 = time.perf_counter()
+            timings["read"] += read_s
+            timings["read_wait"] += wait_s
+            progress.start_slide(sid, 1)
+            try:
+                if isinstance(loaded, BaseException):
+                    raise loaded
+                if model is None:
+                    raise ConfigError("no model given to score the features with")
+                scored = score_slide_sets(loaded.features, loaded.attrs, model, classifiers, class_names, ks)
+                row = SlidePrediction.from_scores(sid, scored[0])
+                set_preds[sid] = [s.prediction for s in scored[1:]]
+                timings["score"] += time.perf_counter() - t0
+                if on_scored is not None and scored[0].status == "ok":
+                    t1 = time.perf_counter()
+                    row.visuals = on_scored(sid, scored[0], loaded)
+                    timings["visuals"] += time.perf_counter() - t1
+            except WsiPipelineError as e:
+                row = SlidePrediction.failed(sid, f"classify: {_one_line(e)}")
+            except (OSError, KeyError, ValueError) as e:  # unreadable / truncated feature file
+                row = SlidePrediction.failed(sid, f"classify: features unreadable ({type(e).__name__}: {_one_line(e)}); "
+                                             "re-run embed")
+            if row.status == "failed":
+                _logger.error("%s: %s", sid, row.reason)
+            results[sid] = row
+            _status(status_dir, row, time.perf_counter() - t0)
+            progress.advance(1)
+            progress.end_slide(sid, row.status)
+        for sid, reason in failed.items():
+            if sid in slide_ids:
+                results[sid] = SlidePrediction.failed(sid, reason)
+                _status(status_dir, results[sid], 0.0)
+    finally:
+        progress.close()
+    timings["scoring_total"] = time.perf_counter() - t_all
+    return [results[s] for s in slide_ids], set_preds, timings
+
+
+def _prefetched(ids: Sequence[str], read: Callable[[str], SlideFeatures]) -> Iterator[tuple[str, Any, float, float]]:
+    """Yield ``(id, features or the exception, read seconds, wait seconds)``, reading one ahead."""
+
+    def timed(sid: str) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        try:
+            value: Any = read(sid)
+        except Exception as e:  # handed to the consumer, which turns it into a failed row
+            value = e
+        return value, time.perf_counter() - t0
+
+    if not ids:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify-read") as pool:
+        pending = pool.submit(timed, ids[0])
+        for i, sid in enumerate(ids):
+            t0 = time.perf_counter()
+            value, read_s = pending.result()
+            wait_s = time.perf_counter() - t0
+            if i + 1 < len(ids):
+                pending = pool.submit(timed, ids[i + 1])
+            yield sid, value, read_s, wait_s
+
+
+def _status(out: str | os.PathLike[str] | None, row: SlidePrediction, seconds: float) -> None:
+    if out is not None:
+        append_status(out, StatusRow(row.slide_id, STAGE, row.status, row.reason, row.n_patches, seconds))
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+__all__ = ["OnScored", "score_features"]

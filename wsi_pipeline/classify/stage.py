@@ -1,0 +1,320 @@
+"""The ``classify`` stage: slides (or an earlier output folder) in, predictions, metrics and visuals out.
+
+>>> s = classify_slides(["a.svs"], "out/", "configs/prompts/nsclc.yaml")   # doctest: +SKIP
+>>> print(s.table()); print(s.metrics_block())                          # doctest: +SKIP
+
+Steps: load and check the prompt file and labels (before any work) → ``tile`` the slides
+whose coords are missing or stale (ROI images with :func:`.inputs.roi_tiling_config`) →
+``embed`` the slides whose features are missing or stale → build the text classifier(s) →
+score every slide with :func:`~.pooling.score_slide_sets` (features read from disk in a
+background thread while the previous slide is scored) → write predictions CSV/JSON,
+``metrics.json``, heatmaps, montages and ``report.html``. A slide that fails in any stage
+is a ``failed`` row with the stage and reason; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import __version__
+from ..config import TilingConfig
+from ..errors import ConfigError, SlideError, WsiPipelineError
+from ..progress import Progress
+from ..store.atomic import atomic_write_text, ensure_writable_dir
+from ..store.features import SlideFeatures
+from .inputs import collect_inputs, is_roi_image, roi_tiling_config
+from .metrics import check_label_slides, compute_metrics, format_metrics, load_labels, prompt_set_robustness
+from .outputs import SlidePrediction, format_table, write_predictions
+from .pooling import DEFAULT_TOP_K, SlideScores, validate_ks
+from .prompts import PromptSet, load_prompts, sample_prompt_sets
+from .scoring import STAGE, OnScored, score_features
+
+if TYPE_CHECKING:
+    from ..embed.runner import EmbedConfig
+
+_logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+TEXT_CACHE_DIR = Path("cache") / "text_classifiers"
+
+
+@dataclass
+class ClassifySummary:
+    """Everything a ``classify`` run produced; ``table()`` and ``metrics_block()`` are for the terminal."""
+
+    prompts_name: str
+    class_names: tuple[str, ...]
+    ks: tuple[int, ...]
+    model_id: str
+    rows: list[SlidePrediction]
+    predictions_csv: Path
+    predictions_json: Path
+    metrics: dict[str, Any] | None = None
+    metrics_path: Path | None = None
+    report_path: Path | None = None
+    tile_results: list[Any] = field(default_factory=list)
+    embed_summary: Any = None
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.rows)
+
+    @property
+    def n_failed(self) -> int:
+        return self.count("failed")
+
+    def table(self, max_rows: int = 40) -> str:
+        """Fixed-width table of the predictions (first ``max_rows`` slides) and a count line."""
+        return format_table(self.rows, self.class_names, max_rows=max_rows)
+
+    def metrics_block(self) -> str:
+        """The metrics block, or ``""`` when no labels were given."""
+        return format_metrics(self.metrics) if self.metrics else ""
+
+    @property
+    def line(self) -> str:
+        return (f"classify: {self.count('ok')} ok, {self.count('no_tissue')} no_tissue, {self.n_failed} failed "
+                f"in {self.seconds:.1f} s -> {self.predictions_csv}")
+
+
+def resolve_ks(top_k: int | None, prompts: PromptSet) -> tuple[int, ...]:
+    """``top_k`` first (when given), then the prompt file's Ks, else :data:`DEFAULT_TOP_K`."""
+    ks = list(prompts.top_k) or [DEFAULT_TOP_K]
+    if top_k is not None:
+        (k,) = validate_ks(top_k)
+        ks = [k, *(x for x in ks if x != k)]
+    return validate_ks(ks)
+
+
+def classify_slides(
+    inputs: Sequence[str | os.PathLike[str]] | None,
+    out_dir: str | os.PathLike[str],
+    prompts_path: str | os.PathLike[str],
+    *,
+    tiling: TilingConfig | None = None,
+    embed: EmbedConfig | None = None,
+    top_k: int | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    prompt_sets: int = 0,
+    seed: int = 0,
+    visuals: bool = True,
+    progress: Progress | None = None,
+) -> ClassifySummary:
+    """Tile and embed what is missing or stale, then classify every slide zero-shot.
+
+    Parameters
+    ----------
+    inputs : slide / ROI image paths (see :func:`.inputs.collect_inputs`), or ``None`` to
+        classify the slides already tiled into ``out_dir/coords``.
+    out_dir : output folder (shared with ``tile`` and ``embed``).
+    prompts_path : prompt file (YAML, or CONCH/MI-Zero JSON).
+    tiling, embed : :class:`~wsi_pipeline.config.TilingConfig` and
+        :class:`~wsi_pipeline.embed.runner.EmbedConfig` (defaults when ``None``).
+    top_k : primary K (default: the prompt file's first ``top_k``, else 50).
+    labels : ``slide_id,label`` CSV; enables metrics.
+    prompt_sets : number of MI-Zero-style single-synonym prompt sets (needs ``labels``).
+    seed : seed of the prompt-set sampling.
+    visuals : write heatmaps, montages and ``report.html``.
+    progress : progress hooks (the CLI draws bars).
+
+    Raises
+    ------
+    ConfigError
+        Bad prompt file, labels naming unknown slides or classes, bad options, no slides.
+    OutputError
+        ``out_dir`` is not writable.
+    """
+    from ..embed.runner import EmbedConfig, find_coords_files
+    from ..tiling.stage import check_unique_ids
+
+    t_start = time.perf_counter()
+    tiling = tiling or TilingConfig()
+    embed = embed or EmbedConfig()
+    prompts = load_prompts(prompts_path)
+    ks = resolve_ks(top_k, prompts)
+    for name, value in (("prompt_sets", prompt_sets), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+    label_map = load_labels(labels, prompts.class_names) if labels is not None else None
+    if prompt_sets and label_map is None:
+        raise ConfigError("--prompt-sets needs --labels: robustness is the balanced accuracy of each prompt set")
+    out = ensure_writable_dir(out_dir)
+    paths: list[Path] | None = None
+    if inputs is None:
+        slide_ids = [p.stem for p in find_coords_files(out)]
+        if not slide_ids:
+            raise ConfigError(f"{out / 'coords'} holds no coords files; give slide paths so they are tiled first")
+    else:
+        paths = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
+        slide_ids = check_unique_ids(paths)
+    if label_map is not None:
+        check_label_slides(label_map, slide_ids, f"labels CSV {labels}")
+
+    failed, tile_results, embed_summary = _tile_and_embed(paths, slide_ids, out, tiling, embed, progress)
+    timings = {"tile_embed": time.perf_counter() - t_start}
+
+    model, model_id = None, embed_summary.model_id if embed_summary else ""
+    classifiers: list[Any] = []
+    n_scorable = sum(s not in failed for s in slide_ids)
+    if n_scorable:
+        model, classifiers = _load_classifiers(embed, prompts, out, prompt_sets, seed)
+    on_scored = None
+    if visuals:
+        on_scored = _visuals_callback(out, prompts.name, embed.slides_dir)
+    rows, set_preds, score_timings = score_features(
+        out / "features", model_id, slide_ids, model, classifiers, prompts.class_names, ks,
+        store=embed.store, failed=failed, on_scored=on_scored, progress=progress, status_dir=out,
+    )
+    timings.update(score_timings)
+    for r in rows:
+        r.label = label_map.get(r.slide_id) if label_map else None
+    provenance = _provenance(prompts, prompts_path, ks, embed, model, model_id, tiling, labels, prompt_sets, seed)
+    t0 = time.perf_counter()
+    csv_path, json_path = write_predictions(out, prompts.name, prompts.class_names, rows, provenance)
+    summary = ClassifySummary(prompts.name, prompts.class_names, ks, model_id, rows, csv_path, json_path,
+                              tile_results=tile_results, embed_summary=embed_summary, timings=timings)
+    if label_map is not None:
+        summary.metrics = _metrics(rows, label_map, prompts.class_names, set_preds, prompt_sets, seed)
+        summary.metrics["provenance"] = {k: provenance[k] for k in ("prompts", "top_k", "model", "created")}
+        summary.metrics["labels"] = os.path.abspath(labels) if labels is not None else None
+        summary.metrics_path = out / METRICS_FILE
+        atomic_write_text(summary.metrics_path, json.dumps(summary.metrics, indent=1, allow_nan=False) + "\n")
+    if visuals:
+        from .visuals import write_classify_report
+
+        info = {"prompts": prompts.name, "classes": ", ".join(prompts.class_names), "top-K": ks[0],
+                "model": model_id or embed.model, "created": provenance["created"]}
+        summary.report_path = write_classify_report(out, f"wsi-pipeline classify: {prompts.name}", rows,
+                                                    prompts.class_names, info, summary.metrics_block() or None)
+    timings["write"] = time.perf_counter() - t0
+    summary.seconds = time.perf_counter() - t_start
+    _logger.debug(summary.line)
+    return summary
+
+
+def _tile_and_embed(
+    paths: Sequence[Path] | None, slide_ids: Sequence[str], out: Path, tiling: TilingConfig, embed: EmbedConfig,
+    progress: Progress | None,
+) -> tuple[dict[str, str], list[Any], Any]:
+    """Run ``tile`` (when ``paths`` are given; ROI images with their own settings) and ``embed``;
+    both skip slides whose outputs validate. Returns (failed id -> reason, tile results, embed summary)."""
+    from ..embed.runner import embed_slides
+    from ..tiling.stage import tile_slides
+
+    failed: dict[str, str] = {}
+    tile_results: list[Any] = []
+    if paths is not None:
+        wsis = [p for p in paths if not is_roi_image(p)]
+        rois = [p for p in paths if is_roi_image(p)]
+        if wsis:
+            tile_results += tile_slides(wsis, out, tiling, progress=progress)
+        if rois:
+            tile_results += tile_slides(rois, out, roi_tiling_config(tiling), progress=progress)
+        failed.update({r.slide_id: f"tile: {r.reason}" for r in tile_results if r.status == "failed"})
+    to_embed = [s for s in slide_ids if s not in failed]
+    embed_summary = embed_slides(out, embed, slide_ids=to_embed, progress=progress) if to_embed else None
+    if embed_summary is not None:
+        failed.update({r.slide_id: f"embed: {r.reason}" for r in embed_summary.results if r.status == "failed"})
+        done = {r.slide_id for r in embed_summary.results}
+        failed.update({s: "embed: no coords file; tile the slide first" for s in to_embed if s not in done})
+    return failed, tile_results, embed_summary
+
+
+def _load_classifiers(embed: EmbedConfig, prompts: PromptSet, out: Path, prompt_sets: int, seed: int) -> tuple[Any, list[Any]]:
+    """The embed model (same seeded init as ``embed``) and the text classifiers: ensemble first."""
+    from ..embed.runner import load_encoder, resolve_device
+    from .textclassifier import build_text_classifier
+
+    model = load_encoder(embed, resolve_device(embed.device))
+    cache = out / TEXT_CACHE_DIR
+    classifiers = [build_text_classifier(model, prompts, cache_dir=cache)]
+    for p in sample_prompt_sets(prompts, prompt_sets, seed) if prompt_sets else []:
+        classifiers.append(build_text_classifier(model, p, cache_dir=cache))
+    _logger.info("text classifier %s: %d classes x %d prompts on %s%s", prompts.name, len(prompts.class_names),
+                 sum(len(v) for v in prompts.expand().values()), embed.model,
+                 f", plus {prompt_sets} single-synonym prompt sets" if prompt_sets else "")
+    return model, classifiers
+
+
+def _visuals_callback(out: Path, prompts_name: str, slides_dir: str | None) -> OnScored:
+    from ..embed.runner import resolve_slide_path
+    from .visuals import write_slide_visuals
+
+    def on_scored(sid: str, scores: SlideScores, sf: SlideFeatures) -> dict[str, Any]:
+        try:
+            slide_path: str | None = resolve_slide_path(dict(sf.coords_attrs), slides_dir)
+        except SlideError as e:
+            _logger.warning("%s: no montage (%s)", sid, e)
+            slide_path = None
+        try:
+            return write_slide_visuals(out, prompts_name, sid, scores, sf, slide_path)
+        except (OSError, ValueError, KeyError, WsiPipelineError) as e:
+            _logger.warning("%s: visuals not written (%s: %s)", sid, type(e).__name__, _one_line(e))
+            return {}
+
+    return on_scored
+
+
+def _metrics(rows: Sequence[SlidePrediction], labels: dict[str, str], class_names: Sequence[str],
+             set_preds: dict[str, list[str | None]], prompt_sets: int, seed: int) -> dict[str, Any]:
+    evaluated = [r for r in rows if r.slide_id in labels and r.status == "ok"]
+    excluded = sorted(r.slide_id for r in rows if r.slide_id in labels and r.status != "ok")
+    if excluded:
+        _logger.warning("metrics exclude %d labelled slides without a prediction (e.g. %s)", len(excluded), excluded[0])
+    probs = np.array([[r.probabilities[c] for c in class_names] for r in evaluated]).reshape(-1, len(class_names))
+    y_true = [labels[r.slide_id] for r in evaluated]
+    m = compute_metrics(y_true, [r.predicted or "" for r in evaluated], probs, class_names)
+    m.update(n_excluded=len(excluded), excluded=excluded, slides=[r.slide_id for r in evaluated])
+    if prompt_sets:
+        per_set = [[set_preds[r.slide_id][i] or "" for r in evaluated] for i in range(prompt_sets)]
+        m["prompt_sets"] = prompt_set_robustness(y_true, per_set, seed)
+    return m
+
+
+def _provenance(prompts: PromptSet, prompts_path: Any, ks: Sequence[int], embed: EmbedConfig, model: Any, model_id: str,
+                tiling: TilingConfig, labels: Any, prompt_sets: int, seed: int) -> dict[str, Any]:
+    import torch
+
+    scale = float(model.logit_scale.detach().float().exp()) if model is not None else None
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wsi_pipeline_version": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "prompts": {"name": prompts.name, "path": os.path.abspath(prompts_path), "sha256": prompts.sha256,
+                    "classes": list(prompts.class_names), "n_templates": len(prompts.templates)},
+        "top_k": int(ks[0]),
+        "ks": [int(k) for k in ks],
+        "model": {"name": embed.model, "model_id": model_id, "weights": embed.weights,
+                  "weights_sha256": getattr(model, "weights_sha256", None), "logit_scale": scale},
+        "embed": _jsonable(dataclasses.asdict(embed)),
+        "tiling": tiling.signature(),
+        "roi_tiling": "ROI images (PNG/JPEG) without mpp are tiled at target_mpp (1:1); no tissue-area filters",
+        "labels": os.path.abspath(labels) if labels is not None else None,
+        "prompt_sets": prompt_sets,
+        "seed": seed,
+    }
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+__all__ = ["STAGE", "ClassifySummary", "classify_slides", "resolve_ks", "score_features"]
