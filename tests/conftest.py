@@ -27,6 +27,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 import slide_factory  # noqa: E402
 from slide_factory import FixtureSlide, make_corrupt_files, make_roi_png, make_slide, slide_truth  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI configures logging process-wide; undo it so that later tests see the defaults."""
+    import logging
+
+    names = ["", "wsi_pipeline", "tifffile", "tiffslide", "PIL", "h5py"]
+    levels = {n: logging.getLogger(n).level for n in names}
+    handlers = list(logging.getLogger().handlers)
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+    logging.getLogger().handlers[:] = handlers
+
+
 #: Standard fixture geometry: (width, height, mpp, layout, downsamples, seed).
 SVS_SPEC = dict(width=8192, height=6144, mpp=0.25, layout="svs", levels=(1, 4, 16, 64), seed=0)
 TIFF_SPEC = dict(width=4096, height=3072, mpp=0.5, layout="generic", levels=(1, 4, 16), seed=1)

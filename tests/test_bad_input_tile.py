@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +20,6 @@ from wsi_pipeline.store.coords import read_coords
 from wsi_pipeline.store.status import latest_status, read_status
 from wsi_pipeline.tiling import tile_slides
 from wsi_pipeline.tiling.lowres import CHUNK
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The CLI configures logging process-wide; undo it so other tests see the defaults."""
-    import logging
-
-    names = ["", "wsi_pipeline", "tifffile", "tiffslide", "PIL", "h5py"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
 
 
 def _run(args: list[str]) -> object:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,20 +20,6 @@ from wsi_pipeline.cli import main
 PROMPTS = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "demo.yaml"
 CLASSES = ("glandular", "solid", "lymphoid")
 FAST = ["--model", "convlm_test", "--patch-size", "64", "--target-mpp", "1.0", "--workers", "0"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The CLI configures logging process-wide; undo it so other tests see the defaults."""
-    import logging
-
-    names = ["", "wsi_pipeline", "tifffile", "tiffslide", "PIL", "h5py"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
 
 
 def _run(*args: str) -> Result:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,20 +18,6 @@ from wsi_pipeline.store.coords import read_coords
 from wsi_pipeline.store.status import read_status
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "tiling"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The CLI configures logging process-wide; undo it so other tests see the defaults."""
-    import logging
-
-    names = ["", "wsi_pipeline", "tifffile", "tiffslide", "PIL", "h5py"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
 
 
 def _run(*args: str) -> Result:

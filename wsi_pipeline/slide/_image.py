@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._mpp import TiffResolution, normalise_metadata
+from ._mpp import TiffResolution, build_slide_info
 from ._tiff import check_data_extent
 from .base import SlideInfo, register_backend
 
@@ -137,20 +137,8 @@ class ImageBackend:
         if res is not None:
             props.update({"image.XResolution": f"{res.x:g}", "image.YResolution": f"{res.y:g}",
                           "image.ResolutionUnit": str(res.unit)})
-        meta = normalise_metadata({}, res)
-        self._info = SlideInfo(
-            path=path,
-            backend=self.name,
-            backend_version=_version(),
-            level_dimensions=((int(self._px.width), int(self._px.height)),),
-            level_downsamples=(1.0,),
-            mpp_x=meta.mpp_x,
-            mpp_y=meta.mpp_y,
-            mpp_source=meta.mpp_source,
-            objective_power=None,
-            vendor=None,
-            properties=props,
-        )
+        self._info = build_slide_info(path, self.name, _version(), [(self._px.width, self._px.height)], [1.0],
+                                      props, res)
 
     @property
     def info(self) -> SlideInfo:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from .base import SlideInfo
 
 _logger = logging.getLogger(__name__)
 
@@ -160,5 +162,32 @@ def normalise_metadata(properties: Properties, resolution: TiffResolution | None
     )
 
 
-__all__ = ["MPP_PARSERS", "SlideMetadata", "TiffResolution", "normalise_metadata", "parse_float",
-           "resolution_to_mpp"]
+def build_slide_info(
+    path: str,
+    backend: str,
+    backend_version: str,
+    level_dimensions: Sequence[tuple[int, int]],
+    level_downsamples: Sequence[float],
+    properties: Mapping[str, object],
+    resolution: TiffResolution | None = None,
+) -> SlideInfo:
+    """The :class:`SlideInfo` of a backend handle: levels as given, the rest normalised."""
+    props = {str(k): str(v) for k, v in properties.items() if v is not None}
+    meta = normalise_metadata(props, resolution)
+    return SlideInfo(
+        path=path,
+        backend=backend,
+        backend_version=backend_version,
+        level_dimensions=tuple((int(w), int(h)) for w, h in level_dimensions),
+        level_downsamples=tuple(float(d) for d in level_downsamples),
+        mpp_x=meta.mpp_x,
+        mpp_y=meta.mpp_y,
+        mpp_source=meta.mpp_source,
+        objective_power=meta.objective_power,
+        vendor=meta.vendor,
+        properties=props,
+    )
+
+
+__all__ = ["MPP_PARSERS", "SlideMetadata", "TiffResolution", "build_slide_info", "normalise_metadata",
+           "parse_float", "resolution_to_mpp"]

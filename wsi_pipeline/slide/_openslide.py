@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._mpp import normalise_metadata
+from ._mpp import build_slide_info
 from .base import SlideInfo, register_backend
 
 _logger = logging.getLogger(__name__)
@@ -86,21 +86,8 @@ class OpenSlideBackend:
 
         self._slide = openslide.OpenSlide(path)
         self._read_raw = _lowlevel_reader() if hasattr(self._slide, "_osr") else None
-        props = {str(k): str(v) for k, v in self._slide.properties.items()}
-        meta = normalise_metadata(props)
-        self._info = SlideInfo(
-            path=path,
-            backend=self.name,
-            backend_version=_version(),
-            level_dimensions=tuple((int(w), int(h)) for w, h in self._slide.level_dimensions),
-            level_downsamples=tuple(float(d) for d in self._slide.level_downsamples),
-            mpp_x=meta.mpp_x,
-            mpp_y=meta.mpp_y,
-            mpp_source=meta.mpp_source,
-            objective_power=meta.objective_power,
-            vendor=meta.vendor,
-            properties=props,
-        )
+        self._info = build_slide_info(path, self.name, _version(), self._slide.level_dimensions,
+                                      self._slide.level_downsamples, self._slide.properties)
 
     @property
     def info(self) -> SlideInfo:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._mpp import normalise_metadata
+from ._mpp import build_slide_info
 from ._tiff import check_data_extent, series_pages
 from .base import SlideBackend, SlideInfo, register_backend
 
@@ -159,21 +159,8 @@ class TiffSlideBackend:
         except Exception:
             self.close()
             raise
-        props = {str(k): str(v) for k, v in self._slide.properties.items() if v is not None}
-        meta = normalise_metadata(props)
-        self._info = SlideInfo(
-            path=path,
-            backend=self.name,
-            backend_version=_version(),
-            level_dimensions=tuple((int(w), int(h)) for w, h in self._slide.level_dimensions),
-            level_downsamples=tuple(float(d) for d in self._slide.level_downsamples),
-            mpp_x=meta.mpp_x,
-            mpp_y=meta.mpp_y,
-            mpp_source=meta.mpp_source,
-            objective_power=meta.objective_power,
-            vendor=meta.vendor,
-            properties=props,
-        )
+        self._info = build_slide_info(path, self.name, _version(), self._slide.level_dimensions,
+                                      self._slide.level_downsamples, self._slide.properties)
         self.vendor = str(self._slide.properties.get("tiffslide.vendor") or "")
 
     @property
