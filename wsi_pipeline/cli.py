@@ -19,6 +19,8 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
+from .runtime.options import runtime_config as _runtime_config
+from .runtime.options import runtime_options
 
 #: ``tile`` options that are TilingConfig fields (a --config preset may set them too).
 _TILING_PARAMS = ("backend", "target_mpp", "mag", "patch_size", "overlap", "min_tissue", "seg_level_mpp",
@@ -251,6 +253,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
                  help="YAML preset (configs/tiling/*.yaml); flags given here win.")
 @tiling_options
+@runtime_options
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist and validate.")
 @verbosity_options
 @click.pass_context
@@ -264,10 +267,11 @@ def tile(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, list_file: s
     quiet = _verbosity(ctx, verbose, quiet)
     try:
         config = _tiling_config(ctx, config_file, params)
+        runtime = _runtime_config(params)
         slides = _collect(inputs, list_file, recursive)
         # raises before any work: duplicate ids, unknown backend, bad mpp CSV, unwritable -o
         results = tile_slides(slides, out_dir, config, overwrite=overwrite,
-                              progress=None if quiet else _TqdmProgress("tile"))
+                              progress=None if quiet else _TqdmProgress("tile"), runtime=runtime)
     except WsiPipelineError as e:
         _die(str(e))
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
@@ -314,6 +318,7 @@ def info(ctx: click.Context, slide: str, backend: str, as_json: bool, verbose: i
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
 @embed_options
+@runtime_options
 @click.option("--overwrite", is_flag=True, help="Redo slides whose features exist and validate.")
 @verbosity_options
 @click.pass_context
@@ -325,9 +330,11 @@ def embed(ctx: click.Context, out_dir: str, overwrite: bool, verbose: int, quiet
     quiet = _verbosity(ctx, verbose, quiet)
     try:
         cfg = _embed_config(params, overwrite)
+        runtime = _runtime_config(params)
         if not find_coords_files(out_dir):
             raise WsiPipelineError(f"no coords files in {Path(out_dir) / 'coords'}; run 'wsi-pipeline tile' first")
-        summary = embed_slides(out_dir, cfg, progress=None if quiet else _TqdmProgress("embed", unit="patch"))
+        summary = embed_slides(out_dir, cfg, progress=None if quiet else _TqdmProgress("embed", unit="patch"),
+                               runtime=runtime)
     except WsiPipelineError as e:
         _die(str(e))
     click.echo(f"{summary.line} -> {Path(out_dir) / 'features' / summary.model_id}")
@@ -344,6 +351,7 @@ def embed(ctx: click.Context, out_dir: str, overwrite: bool, verbose: int, quiet
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Tiling YAML preset.")
 @tiling_options
 @embed_options
+@runtime_options
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="K of top-K pooling [prompt file, else 50].")
 @click.option("--labels", type=click.Path(dir_okay=False, exists=True), help="CSV slide_id,label: adds metrics.")
 @click.option("--prompt-sets", type=click.IntRange(min=0), default=0, show_default=True,
@@ -363,10 +371,12 @@ def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out
     try:
         tiling = _tiling_config(ctx, config_file, params)
         embed = _embed_config(params)
+        runtime = _runtime_config(params)
         slides = _collect(inputs, list_file, recursive) if inputs or list_file else None
         summary = classify_slides(slides, out_dir, prompts_path, tiling=tiling, embed=embed, top_k=top_k,
                                   labels=labels, prompt_sets=prompt_sets, seed=seed, visuals=not no_visuals,
-                                  progress=None if quiet else _TqdmProgress("classify", unit="patch"))
+                                  progress=None if quiet else _TqdmProgress("classify", unit="patch"),
+                                  runtime=runtime)
     except WsiPipelineError as e:
         _die(str(e))
     click.echo(summary.table())

@@ -17,7 +17,8 @@ traceback; anything else is a bug and keeps its traceback.
     │   └── TooManyFailedPatchesError
     ├── OutputError                 output folder or file problem
     │   └── CorruptOutputError      an existing output does not validate
-    └── CheckpointError             weights file missing, truncated or of another architecture
+    ├── CheckpointError             weights file missing, truncated or of another architecture
+    └── SlideLockedError            another live run holds the slide's lock (the slide is skipped)
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ class CheckpointError(WsiPipelineError):
     """A weights file is missing, truncated, unsafe or does not match the architecture."""
 
 
+class SlideLockedError(WsiPipelineError):
+    """Another live run holds this slide's lock file; the slide is skipped here, not failed.
+
+    ``holder`` is the :class:`~wsi_pipeline.runtime.locks.LockInfo` of that run (or ``None``).
+    """
+
+    def __init__(self, message: str, holder: object = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+    def __reduce__(self) -> tuple[object, ...]:  # keeps ``holder`` across processes (Ray)
+        return (type(self), (str(self), self.holder))
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -79,6 +94,7 @@ __all__ = [
     "OutputError",
     "PromptFileError",
     "SlideError",
+    "SlideLockedError",
     "SlideOpenError",
     "SlideReadError",
     "TooManyFailedPatchesError",

@@ -31,6 +31,8 @@ from .. import __version__
 from ..config import TilingConfig
 from ..errors import ConfigError, SlideError, WsiPipelineError
 from ..progress import Progress
+from ..runtime.executor import Executor, RuntimeConfig, make_executor
+from ..runtime.locks import LOCKED_REASON_PREFIX
 from ..store.atomic import atomic_write_text, ensure_writable_dir
 from ..store.features import SlideFeatures
 from .inputs import collect_inputs, is_roi_image, roi_tiling_config
@@ -111,6 +113,7 @@ def classify_slides(
     seed: int = 0,
     visuals: bool = True,
     progress: Progress | None = None,
+    runtime: RuntimeConfig | None = None,
 ) -> ClassifySummary:
     """Tile and embed what is missing or stale, then classify every slide zero-shot.
 
@@ -128,6 +131,11 @@ def classify_slides(
     seed : seed of the prompt-set sampling.
     visuals : write heatmaps, montages and ``report.html``.
     progress : progress hooks (the CLI draws bars).
+    runtime : executor for ``tile`` and ``embed`` (``local`` or ``ray``), ``--shard`` and lock
+        timeout. With a shard only its slides are processed; predictions go to
+        ``predictions/<name>_shard-<i>-of-<n>.csv`` and metrics and ``report.html`` are left to
+        a final run without ``--shard`` on the same folder (which only scores: tile and embed
+        outputs validate and are skipped).
 
     Raises
     ------
@@ -136,12 +144,14 @@ def classify_slides(
     OutputError
         ``out_dir`` is not writable.
     """
-    from ..embed.runner import EmbedConfig, find_coords_files
-    from ..tiling.stage import check_unique_ids
+    from ..embed.runner import EmbedConfig, find_coords_files, load_encoder, resolve_device
+    from ..tiling.stage import check_unique_ids, slide_id_from_path
 
     t_start = time.perf_counter()
     tiling = tiling or TilingConfig()
     embed = embed or EmbedConfig()
+    runtime = runtime or RuntimeConfig()
+    executor = make_executor(runtime)  # e.g. Ray not installed: a usage error before any work
     prompts = load_prompts(prompts_path)
     ks = resolve_ks(top_k, prompts)
     for name, value in (("prompt_sets", prompt_sets), ("seed", seed)):
@@ -161,15 +171,25 @@ def classify_slides(
         slide_ids = check_unique_ids(paths)
     if label_map is not None:
         check_label_slides(label_map, slide_ids, f"labels CSV {labels}")
+    shard = runtime.shard
+    if shard is not None:  # labels were checked against every slide; work on this shard's only
+        slide_ids = shard.select(slide_ids)
+        paths = None if paths is None else shard.select(paths, key=slide_id_from_path)
+        _logger.info("shard %s: %d slides; run classify without --shard afterwards for metrics and report",
+                     shard, len(slide_ids))
+        runtime = runtime.with_(shard=None)
+    # the model first: a bad checkpoint is a usage error before any slide is tiled
+    model = load_encoder(embed, resolve_device(embed.device)) if slide_ids else None
 
-    failed, tile_results, embed_summary = _tile_and_embed(paths, slide_ids, out, tiling, embed, progress)
+    failed, tile_results, embed_summary = _tile_and_embed(paths, slide_ids, out, tiling, embed, progress, runtime,
+                                                          executor, model)
     timings = {"tile_embed": time.perf_counter() - t_start}
 
-    model, model_id = None, embed_summary.model_id if embed_summary else ""
+    model_id = embed_summary.model_id if embed_summary else ""
     classifiers: list[Any] = []
     n_scorable = sum(s not in failed for s in slide_ids)
-    if n_scorable:
-        model, classifiers = _load_classifiers(embed, prompts, out, prompt_sets, seed)
+    if n_scorable and model is not None:
+        classifiers = _load_classifiers(model, embed, prompts, out, prompt_sets, seed)
     on_scored = None
     if visuals:
         on_scored = _visuals_callback(out, prompts.name, embed.slides_dir)
@@ -182,16 +202,19 @@ def classify_slides(
         r.label = label_map.get(r.slide_id) if label_map else None
     provenance = _provenance(prompts, prompts_path, ks, embed, model, model_id, tiling, labels, prompt_sets, seed)
     t0 = time.perf_counter()
-    csv_path, json_path = write_predictions(out, prompts.name, prompts.class_names, rows, provenance)
+    if shard is not None:
+        provenance["shard"] = str(shard)
+    name = prompts.name if shard is None else f"{prompts.name}_{shard.tag}"
+    csv_path, json_path = write_predictions(out, name, prompts.class_names, rows, provenance)
     summary = ClassifySummary(prompts.name, prompts.class_names, ks, model_id, rows, csv_path, json_path,
                               tile_results=tile_results, embed_summary=embed_summary, timings=timings)
-    if label_map is not None:
+    if label_map is not None and shard is None:
         summary.metrics = _metrics(rows, label_map, prompts.class_names, set_preds, prompt_sets, seed)
         summary.metrics["provenance"] = {k: provenance[k] for k in ("prompts", "top_k", "model", "created")}
         summary.metrics["labels"] = os.path.abspath(labels) if labels is not None else None
         summary.metrics_path = out / METRICS_FILE
         atomic_write_text(summary.metrics_path, json.dumps(summary.metrics, indent=1, allow_nan=False) + "\n")
-    if visuals:
+    if visuals and shard is None:
         from .visuals import write_classify_report
 
         info = {"prompts": prompts.name, "classes": ", ".join(prompts.class_names), "top-K": ks[0],
@@ -206,38 +229,48 @@ def classify_slides(
 
 def _tile_and_embed(
     paths: Sequence[Path] | None, slide_ids: Sequence[str], out: Path, tiling: TilingConfig, embed: EmbedConfig,
-    progress: Progress | None,
+    progress: Progress | None, runtime: RuntimeConfig, executor: Executor, model: Any = None,
 ) -> tuple[dict[str, str], list[Any], Any]:
-    """Run ``tile`` (when ``paths`` are given; ROI images with their own settings) and ``embed``;
-    both skip slides whose outputs validate. Returns (failed id -> reason, tile results, embed summary)."""
+    """Run ``tile`` (when ``paths`` are given; ROI images with their own settings) and ``embed``
+    on one executor; both skip slides whose outputs validate. Returns (failed id -> reason,
+    tile results, embed summary). A slide another live run holds is failed here: it cannot be
+    scored yet."""
     from ..embed.runner import embed_slides
     from ..tiling.stage import tile_slides
 
     failed: dict[str, str] = {}
     tile_results: list[Any] = []
-    if paths is not None:
-        wsis = [p for p in paths if not is_roi_image(p)]
-        rois = [p for p in paths if is_roi_image(p)]
-        if wsis:
-            tile_results += tile_slides(wsis, out, tiling, progress=progress)
-        if rois:
-            tile_results += tile_slides(rois, out, roi_tiling_config(tiling), progress=progress)
-        failed.update({r.slide_id: f"tile: {r.reason}" for r in tile_results if r.status == "failed"})
-    to_embed = [s for s in slide_ids if s not in failed]
-    embed_summary = embed_slides(out, embed, slide_ids=to_embed, progress=progress) if to_embed else None
+    with executor:  # Ray: one session for both stages (the stages' own executors reuse it)
+        if paths is not None:
+            wsis = [p for p in paths if not is_roi_image(p)]
+            rois = [p for p in paths if is_roi_image(p)]
+            if wsis:
+                tile_results += tile_slides(wsis, out, tiling, progress=progress, runtime=runtime)
+            if rois:
+                tile_results += tile_slides(rois, out, roi_tiling_config(tiling), progress=progress, runtime=runtime)
+            failed.update({r.slide_id: f"tile: {r.reason}" for r in tile_results if _not_done(r)})
+        to_embed = [s for s in slide_ids if s not in failed]
+        embed_summary = None
+        if to_embed:
+            embed_summary = embed_slides(out, embed, slide_ids=to_embed, progress=progress, runtime=runtime,
+                                         model=model)
     if embed_summary is not None:
-        failed.update({r.slide_id: f"embed: {r.reason}" for r in embed_summary.results if r.status == "failed"})
+        failed.update({r.slide_id: f"embed: {r.reason}" for r in embed_summary.results if _not_done(r)})
         done = {r.slide_id for r in embed_summary.results}
         failed.update({s: "embed: no coords file; tile the slide first" for s in to_embed if s not in done})
     return failed, tile_results, embed_summary
 
 
-def _load_classifiers(embed: EmbedConfig, prompts: PromptSet, out: Path, prompt_sets: int, seed: int) -> tuple[Any, list[Any]]:
-    """The embed model (same seeded init as ``embed``) and the text classifiers: ensemble first."""
-    from ..embed.runner import load_encoder, resolve_device
+def _not_done(result: Any) -> bool:
+    """Failed, or skipped because another run holds the slide (its outputs are not there yet)."""
+    return result.status == "failed" or (result.status == "skipped" and result.reason.startswith(LOCKED_REASON_PREFIX))
+
+
+def _load_classifiers(model: Any, embed: EmbedConfig, prompts: PromptSet, out: Path, prompt_sets: int,
+                      seed: int) -> list[Any]:
+    """The text classifiers of ``model`` (the embed model): the ensemble first, then the prompt sets."""
     from .textclassifier import build_text_classifier
 
-    model = load_encoder(embed, resolve_device(embed.device))
     cache = out / TEXT_CACHE_DIR
     classifiers = [build_text_classifier(model, prompts, cache_dir=cache)]
     for p in sample_prompt_sets(prompts, prompt_sets, seed) if prompt_sets else []:
@@ -245,7 +278,7 @@ def _load_classifiers(embed: EmbedConfig, prompts: PromptSet, out: Path, prompt_
     _logger.info("text classifier %s: %d classes x %d prompts on %s%s", prompts.name, len(prompts.class_names),
                  sum(len(v) for v in prompts.expand().values()), embed.model,
                  f", plus {prompt_sets} single-synonym prompt sets" if prompt_sets else "")
-    return model, classifiers
+    return classifiers
 
 
 def _visuals_callback(out: Path, prompts_name: str, slides_dir: str | None) -> OnScored:

@@ -4,11 +4,15 @@ The model is loaded once per process. For each slide the coords are grouped into
 regions (see :mod:`.regions`), a DataLoader reads and resizes them in worker processes,
 and the main process normalises on the device and runs the encoder in
 ``torch.inference_mode`` with autocast for fp16/bf16. A slide is skipped only when its
-feature file validates (complete, same model id, same coords).
+feature file validates (complete, same model id, same coords), or while another live run
+holds its lock (``out/locks/embed/<model_id>/<slide_id>.lock``). :class:`SlideEmbedder`
+is the per-slide work that an executor (``local`` or ``ray``) maps over the slides.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import time
@@ -21,8 +25,10 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ConfigError, SlideError, TooManyFailedPatchesError, WsiPipelineError
+from ..errors import ConfigError, SlideError, SlideLockedError, TooManyFailedPatchesError, WsiPipelineError
 from ..progress import NullProgress, Progress
+from ..runtime.executor import RuntimeConfig, WorkerSpec, absolute, make_executor
+from ..runtime.locks import DEFAULT_LOCK_TIMEOUT_S, SlideLocks, remove_temps_of, this_host
 from ..slide import open_slide
 from ..store.coords import read_coords
 from ..store.features import FEATURES_SCHEMA_VERSION, get_store
@@ -67,6 +73,10 @@ class EmbedResult:
     seconds: float = 0.0
     n_failed_patches: int = 0
     path: str | None = None
+    model_id: str = ""
+    worker: str = ""
+    data_wait_seconds: float = 0.0
+    compute_seconds: float = 0.0
 
 
 @dataclass
@@ -242,88 +252,155 @@ def embed_coords(
     return feats, n_failed, wait
 
 
+class SlideEmbedder:
+    """The per-slide work of the embed stage: the model is loaded once, then whole slides are embedded.
+
+    Built once per process (local) or per Ray actor. ``model`` (local only) reuses an
+    encoder that is already loaded with the same settings.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], cfg: EmbedConfig, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+                 model: Any = None) -> None:
+        self.out_dir, self.cfg = Path(out_dir), cfg
+        self.store = get_store(cfg.store)
+        self.features_dir = self.out_dir / "features"
+        device = resolve_device(cfg.device)
+        precision = resolve_precision(cfg.precision, device)
+        model = model if model is not None else load_encoder(cfg, device)
+        context = load_context(cfg.context, model)
+        self.encoder = Encoder(model, cfg, device, precision, context)
+        self.model_id = make_model_id(cfg.model, model.weights_sha256, self.encoder.keep_rate,
+                                      self.encoder.prune_layers, context.sha256 if context else None)
+        self.base_attrs = {
+            "model_name": cfg.model,
+            "model_id": self.model_id,
+            "weights_sha256": model.weights_sha256 or f"none (random init, seed {RANDOM_INIT_SEED})",
+            "embed_dim": int(model.embed_dim),
+            "projected": False,
+            "normalized": False,
+            "keep_rate": float(self.encoder.keep_rate),
+            "prune_layers": list(self.encoder.prune_layers),
+            "context_hash": context.sha256 if context else "none",
+            "context_source": context.source if context else "none",
+            "precision": precision,
+            "device": str(device),
+            "input_size": int(model.input_size),
+            "wsi_pipeline_version": __version__,
+            "features_schema_version": FEATURES_SCHEMA_VERSION,
+        }
+        self.locks = SlideLocks(self.out_dir, STAGE, scope=self.model_id, timeout_s=lock_timeout_s)
+        self.locks.clear_stale()
+
+    def __call__(self, coords_path: str | os.PathLike[str], progress: Progress) -> EmbedResult:
+        """Embed one slide under its lock (``skipped`` when its features validate or a live run holds it)."""
+        coords_path = Path(coords_path)
+        slide_id = coords_path.stem
+        t0, compute0 = time.perf_counter(), self.encoder.compute_seconds
+        result = EmbedResult(slide_id, "failed", model_id=self.model_id, worker=f"{this_host()}:{os.getpid()}")
+        lock = None
+        try:
+            try:
+                coords, cattrs = read_coords(coords_path)
+                result.n_patches = len(coords)
+                lock = self.locks.acquire(slide_id)
+                final = self.store.path_for(self.features_dir, self.model_id, slide_id)
+                remove_temps_of(final)  # we hold the lock: any temp file of this slide is a dead run's
+                reason = "overwrite requested" if self.cfg.overwrite else self.store.validate(
+                    self.features_dir, self.model_id, slide_id, coords)
+                if reason is None:
+                    result.status, result.reason, result.path = "skipped", "features exist and validate", str(final)
+                else:
+                    _logger.debug("%s: embedding (%s)", slide_id, reason)
+                    self._embed(coords, cattrs, result, progress)
+            except SlideLockedError as e:
+                result.status, result.reason = "skipped", str(e)
+                _logger.info("%s: skipped, %s", slide_id, e)
+            except WsiPipelineError as e:
+                result.reason = str(e)
+                _logger.error("%s: %s", slide_id, e)
+            except Exception as e:  # unexpected: keep the batch going, keep the traceback in debug logs
+                result.reason = f"{type(e).__name__}: {e}"
+                _logger.error("%s: unexpected error: %s", slide_id, result.reason)
+                _logger.debug("traceback", exc_info=True)
+            result.seconds = time.perf_counter() - t0
+            result.compute_seconds = self.encoder.compute_seconds - compute0
+            progress.end_slide(slide_id, result.status)
+            append_status(self.out_dir, StatusRow(slide_id, STAGE, result.status, result.reason, result.n_patches,
+                                                  result.seconds))
+        finally:
+            if lock is not None:
+                lock.release()
+        return result
+
+    def _embed(self, coords: np.ndarray, cattrs: dict[str, Any], result: EmbedResult, progress: Progress) -> None:
+        cfg, slide_id = self.cfg, result.slide_id
+        progress.start_slide(slide_id, len(coords))
+        slide_path = resolve_slide_path(cattrs, cfg.slides_dir)
+        feats, n_failed, wait = embed_coords(slide_path, coords, cattrs, self.encoder, cfg, progress)
+        result.data_wait_seconds = wait
+        result.n_failed_patches = n_failed
+        if len(coords) and n_failed > cfg.max_failed_fraction * len(coords):
+            raise TooManyFailedPatchesError(
+                f"{n_failed} of {len(coords)} patches unreadable "
+                f"(> {cfg.max_failed_fraction:.0%}); the slide file is damaged"
+            )
+        attrs = dict(self.base_attrs, n_failed_patches=n_failed, slide_id=slide_id, slide_path=slide_path)
+        result.path = str(self.store.write(self.features_dir, self.model_id, slide_id, feats, coords, attrs, cattrs))
+        result.status = "ok"
+
+
+def _worker_died(out_dir: str, coords_path: str, reason: str) -> EmbedResult:
+    slide_id = Path(coords_path).stem
+    append_status(out_dir, StatusRow(slide_id, STAGE, "failed", reason))
+    return EmbedResult(slide_id, "failed", reason)
+
+
 def embed_slides(
     out_dir: str | os.PathLike[str],
     cfg: EmbedConfig,
     *,
     slide_ids: Iterable[str] | None = None,
     progress: Progress | None = None,
+    runtime: RuntimeConfig | None = None,
+    model: Any = None,
 ) -> EmbedSummary:
-    """Embed every slide tiled into ``out_dir`` (or only ``slide_ids``); never raises for one bad slide."""
+    """Embed every slide tiled into ``out_dir`` (or only ``slide_ids``); never raises for one bad slide.
+
+    ``runtime`` picks the executor (``ray``: one model per actor, ``--gpus-per-worker``
+    GPUs each), the ``--shard`` and the lock timeout. ``model`` (local executor only)
+    reuses an encoder already loaded with ``cfg``'s settings.
+    """
+    runtime = runtime or RuntimeConfig()
+    executor = make_executor(runtime)  # e.g. Ray not installed: a usage error before any work
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
-    store = get_store(cfg.store)
+    get_store(cfg.store)  # an unknown store is a usage error before any work
     coords_files = find_coords_files(out_dir)
     if slide_ids is not None:
         wanted = set(slide_ids)
         coords_files = [p for p in coords_files if p.stem in wanted]
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    model = load_encoder(cfg, device)
-    context = load_context(cfg.context, model)
-    encoder = Encoder(model, cfg, device, precision, context)
-    model_id = make_model_id(
-        cfg.model, model.weights_sha256, encoder.keep_rate, encoder.prune_layers, context.sha256 if context else None
-    )
-    features_dir = out_dir / "features"
-    summary = EmbedSummary(model_id=model_id)
-    base_attrs = {
-        "model_name": cfg.model,
-        "model_id": model_id,
-        "weights_sha256": model.weights_sha256 or f"none (random init, seed {RANDOM_INIT_SEED})",
-        "embed_dim": int(model.embed_dim),
-        "projected": False,
-        "normalized": False,
-        "keep_rate": float(encoder.keep_rate),
-        "prune_layers": list(encoder.prune_layers),
-        "context_hash": context.sha256 if context else "none",
-        "context_source": context.source if context else "none",
-        "precision": precision,
-        "device": str(device),
-        "input_size": int(model.input_size),
-        "wsi_pipeline_version": __version__,
-        "features_schema_version": FEATURES_SCHEMA_VERSION,
-    }
-    progress.start(len(coords_files))
-    for coords_path in coords_files:
-        slide_id = coords_path.stem
-        t0 = time.perf_counter()
-        result = EmbedResult(slide_id, "failed")
-        try:
-            coords, cattrs = read_coords(coords_path)
-            result.n_patches = len(coords)
-            reason = "overwrite requested" if cfg.overwrite else store.validate(features_dir, model_id, slide_id, coords)
-            if reason is None:
-                result.status, result.reason = "skipped", "features exist and validate"
-                result.path = str(store.path_for(features_dir, model_id, slide_id))
-            else:
-                _logger.debug("%s: embedding (%s)", slide_id, reason)
-                progress.start_slide(slide_id, len(coords))
-                slide_path = resolve_slide_path(cattrs, cfg.slides_dir)
-                feats, n_failed, wait = embed_coords(slide_path, coords, cattrs, encoder, cfg, progress)
-                summary.data_wait_seconds += wait
-                result.n_failed_patches = n_failed
-                if len(coords) and n_failed > cfg.max_failed_fraction * len(coords):
-                    raise TooManyFailedPatchesError(
-                        f"{n_failed} of {len(coords)} patches unreadable "
-                        f"(> {cfg.max_failed_fraction:.0%}); the slide file is damaged"
-                    )
-                attrs = dict(base_attrs, n_failed_patches=n_failed, slide_id=slide_id, slide_path=slide_path)
-                result.path = str(store.write(features_dir, model_id, slide_id, feats, coords, attrs, cattrs))
-                result.status = "ok"
-        except WsiPipelineError as e:
-            result.reason = str(e)
-            _logger.error("%s: %s", slide_id, e)
-        except Exception as e:  # unexpected: keep the batch going, keep the traceback in debug logs
-            result.reason = f"{type(e).__name__}: {e}"
-            _logger.error("%s: unexpected error: %s", slide_id, result.reason)
-            _logger.debug("traceback", exc_info=True)
-        result.seconds = time.perf_counter() - t0
-        progress.end_slide(slide_id, result.status)
-        append_status(out_dir, StatusRow(slide_id, STAGE, result.status, result.reason, result.n_patches, result.seconds))
-        summary.results.append(result)
-    progress.close()
-    summary.compute_seconds = encoder.compute_seconds
+    if runtime.shard is not None:
+        n_all = len(coords_files)
+        coords_files = runtime.shard.select(coords_files, key=lambda p: p.stem)
+        _logger.info("shard %s: %d of %d slides", runtime.shard, len(coords_files), n_all)
+    # absolute paths in recorded attributes (slide_path, context_source) whatever the executor
+    cfg = dataclasses.replace(cfg, weights=absolute(cfg.weights), slides_dir=absolute(cfg.slides_dir),
+                              context=None if cfg.context in (None, "none") else absolute(cfg.context))
+    try:
+        with executor as ex:
+            if ex.remote:  # actors may run in another folder or on another machine
+                out_dir, model = out_dir.absolute(), None
+            spec = WorkerSpec(
+                functools.partial(SlideEmbedder, str(out_dir), cfg, runtime.lock_timeout_s, model),
+                on_error=functools.partial(_worker_died, str(out_dir)), label=lambda p: Path(p).stem,
+                num_gpus=runtime.gpus_per_worker,
+            )
+            results = ex.map(spec, [str(p) for p in coords_files], progress)
+    finally:
+        progress.close()
+    summary = EmbedSummary(results=results, model_id=next((r.model_id for r in results if r.model_id), ""))
+    summary.data_wait_seconds = sum(r.data_wait_seconds for r in results)
+    summary.compute_seconds = sum(r.compute_seconds for r in results)
     summary.seconds = time.perf_counter() - t_start
     return summary

@@ -2,16 +2,19 @@
 
 >>> results = tile_slides(["a.svs", "b.tif"], "out/", TilingConfig(min_tissue=0.5))  # doctest: +SKIP
 
-Per slide: open → resolve mpp (file, ``--mpp-csv``, ``--default-mpp``) → skip when the
-existing outputs validate for the same settings → read a ≈8 µm/px picture in chunks →
-segment tissue → global grid → write thumbnail, GeoJSON and finally the coords file (the
-resume marker), each through a temporary file and a rename. Every per-slide problem
-becomes a ``failed`` status row and one log line; the batch goes on.
+Per slide (:class:`TileWorker`, mapped over the slides by the ``local`` or ``ray``
+executor): take the slide's lock (``out/locks/tile/<id>.lock``; a live holder → ``skipped``)
+→ open → resolve mpp (file, ``--mpp-csv``, ``--default-mpp``) → skip when the existing
+outputs validate for the same settings → read a ≈8 µm/px picture in chunks → segment
+tissue → global grid → write thumbnail, GeoJSON and finally the coords file (the resume
+marker), each through a temporary file and a rename. Every per-slide problem becomes a
+``failed`` status row and one log line; the batch goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,8 +27,10 @@ from typing import Any
 
 from .. import __version__
 from ..config import TilingConfig, load_mpp_csv
-from ..errors import ConfigError, MissingMppError, WsiPipelineError
+from ..errors import ConfigError, MissingMppError, SlideLockedError, WsiPipelineError
 from ..progress import NullProgress, Progress
+from ..runtime.executor import RuntimeConfig, WorkerSpec, absolute, make_executor
+from ..runtime.locks import DEFAULT_LOCK_TIMEOUT_S, SlideLocks, remove_temps_of
 from ..slide.base import SlideInfo, is_finite_positive
 from ..store.atomic import ensure_writable_dir, remove_stale_temps
 from ..store.status import StatusRow, append_status
@@ -102,16 +107,23 @@ def tile_slides(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
+    runtime: RuntimeConfig | None = None,
 ) -> list[TileResult]:
     """Tile every slide in ``inputs`` into ``out_dir``; one :class:`TileResult` per slide.
+
+    ``runtime`` picks the executor (``local`` or ``ray``), the ``--shard`` (only the
+    slides of that shard are tiled and returned) and the lock timeout. A slide whose lock
+    a live run holds is ``skipped`` (reason ``locked by host:pid …``).
 
     Raises before any work (:class:`ConfigError`) when two slides share an id or the mpp
     CSV is invalid, and (:class:`~wsi_pipeline.errors.OutputError`) when ``out_dir`` is
     not writable. Per-slide problems never raise: they are results with status ``failed``.
     """
     config = config or TilingConfig()
+    runtime = runtime or RuntimeConfig()
+    executor = make_executor(runtime)  # e.g. Ray not installed: a usage error before any output
     paths = [os.fspath(p) for p in inputs]
-    ids = check_unique_ids(paths)
+    ids = check_unique_ids(paths)  # over the whole list, so every shard agrees
     check_backend(config.backend)
     overrides = load_mpp_csv(config.mpp_csv) if config.mpp_csv else {}
     out = ensure_writable_dir(out_dir)
@@ -123,19 +135,50 @@ def tile_slides(
     if unused:
         _logger.warning("mpp CSV lists %d slides that are not in this batch (e.g. %s)", len(unused),
                         sorted(unused)[0])
+    items = list(zip(paths, ids, strict=True))
+    if runtime.shard is not None:
+        items = runtime.shard.select(items, key=lambda item: item[1])
+        _logger.info("shard %s: %d of %d slides", runtime.shard, len(items), len(paths))
+    SlideLocks(out, STAGE, timeout_s=runtime.lock_timeout_s).clear_stale()
     progress = progress or NullProgress()
-    progress.start(len(paths))
-    results = []
     try:
-        for path, sid in zip(paths, ids, strict=True):
-            progress.start_slide(sid, 1)
-            r = tile_slide(path, out, config, slide_id=sid, overwrite=overwrite, mpp_overrides=overrides)
-            progress.advance(1)
-            progress.end_slide(sid, r.status)
-            results.append(r)
+        with executor as ex:
+            if ex.remote:  # workers may run in another folder or on another machine
+                out = Path(absolute(out) or out)
+                items = [(absolute(p) or p, sid) for p, sid in items]
+            spec = WorkerSpec(
+                functools.partial(TileWorker, str(out), config, overwrite, dict(overrides), runtime.lock_timeout_s),
+                on_error=functools.partial(_worker_died, str(out)), label=lambda item: item[1],
+            )
+            return ex.map(spec, items, progress)
     finally:
         progress.close()
-    return results
+
+
+@dataclass(frozen=True)
+class TileWorker:
+    """Tiles one ``(path, slide_id)`` item (the per-slide work an executor maps over slides)."""
+
+    out_dir: str
+    config: TilingConfig
+    overwrite: bool = False
+    mpp_overrides: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+
+    def __call__(self, item: tuple[str, str], progress: Progress) -> TileResult:
+        path, sid = item
+        progress.start_slide(sid, 1)
+        r = tile_slide(path, self.out_dir, self.config, slide_id=sid, overwrite=self.overwrite,
+                       mpp_overrides=self.mpp_overrides, lock_timeout_s=self.lock_timeout_s)
+        progress.advance(1)
+        progress.end_slide(sid, r.status)
+        return r
+
+
+def _worker_died(out_dir: str, item: tuple[str, str], reason: str) -> TileResult:
+    path, sid = item
+    append_status(out_dir, StatusRow(sid, STAGE, "failed", reason))
+    return _failed(sid, path, reason)
 
 
 def check_backend(name: str) -> None:
@@ -155,25 +198,39 @@ def tile_slide(
     slide_id: str | None = None,
     overwrite: bool = False,
     mpp_overrides: Mapping[str, float] | None = None,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> TileResult:
-    """Tile one slide, append its ``status.csv`` row and return the result (never raises
-    for a bad slide)."""
+    """Tile one slide under its lock, append its ``status.csv`` row and return the result
+    (never raises for a bad slide; ``skipped`` when another live run holds the lock)."""
     config = config or TilingConfig()
     path = os.fspath(path)
     sid = slide_id or slide_id_from_path(path)
     t0 = time.perf_counter()
+    locks = SlideLocks(out_dir, STAGE, timeout_s=lock_timeout_s)
+    lock = None
     try:
-        result = _tile(path, Path(out_dir), config, sid, overwrite, mpp_overrides or {})
-    except WsiPipelineError as e:
-        result = _failed(sid, path, _one_line(e))
-    except Exception as e:  # a bug or an unexpected library error: still one line, batch goes on
-        _logger.debug("%s: unexpected error", sid, exc_info=True)
-        result = _failed(sid, path, f"unexpected {type(e).__name__}: {_one_line(e)} (rerun with -v for details)")
-    seconds = time.perf_counter() - t0
-    result = dataclasses.replace(result, seconds=seconds)
-    if result.status == "failed":
-        _logger.error("%s: %s", sid, result.reason)
-    append_status(out_dir, StatusRow(sid, STAGE, result.status, result.reason, result.n_patches, seconds))
+        try:
+            lock = locks.acquire(sid)
+            outputs = OutputPaths.of(out_dir, sid)
+            for final in (outputs.coords, outputs.thumbnail, outputs.tissue):  # leftovers of a dead holder
+                remove_temps_of(final)
+            result = _tile(path, Path(out_dir), config, sid, overwrite, mpp_overrides or {})
+        except SlideLockedError as e:
+            result = TileResult(sid, path, "skipped", str(e))
+            _logger.info("%s: skipped, %s", sid, e)
+        except WsiPipelineError as e:
+            result = _failed(sid, path, _one_line(e))
+        except Exception as e:  # a bug or an unexpected library error: still one line, batch goes on
+            _logger.debug("%s: unexpected error", sid, exc_info=True)
+            result = _failed(sid, path, f"unexpected {type(e).__name__}: {_one_line(e)} (rerun with -v for details)")
+        seconds = time.perf_counter() - t0
+        result = dataclasses.replace(result, seconds=seconds)
+        if result.status == "failed":
+            _logger.error("%s: %s", sid, result.reason)
+        append_status(out_dir, StatusRow(sid, STAGE, result.status, result.reason, result.n_patches, seconds))
+    finally:
+        if lock is not None:
+            lock.release()
     return result
 
 
@@ -314,6 +371,7 @@ def _one_line(e: BaseException) -> str:
 __all__ = [
     "OutputPaths",
     "TileResult",
+    "TileWorker",
     "check_backend",
     "check_unique_ids",
     "coords_attrs",
