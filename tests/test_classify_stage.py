@@ -359,3 +359,11 @@ def test_score_slide_sets_equals_one_call_per_classifier() -> None:
         score_slide_sets(feats, attrs, model, [], ["a", "b", "c"])
     with pytest.raises(ConfigError, match="2 class names"):
         score_slide_sets(feats, attrs, model, [texts[0], texts[1][:2]], ["a", "b"])
+
+
+def test_prediction_paths_keep_dots_in_prompt_names(tmp_path: Path) -> None:
+    from wsi_pipeline.classify.outputs import prediction_paths
+
+    csv_path, json_path = prediction_paths(tmp_path, "nsclc.v2")
+    assert (csv_path.name, json_path.name) == ("nsclc.v2.csv", "nsclc.v2.json")
+    assert prediction_paths(tmp_path, "nsclc")[0] != prediction_paths(tmp_path, "nsclc.v2")[0]

@@ -123,8 +123,8 @@ def safe_name(name: str) -> str:
 
 def prediction_paths(out_dir: str | os.PathLike[str], prompts_name: str) -> tuple[Path, Path]:
     """``(csv, json)`` paths of a prompt set's predictions."""
-    base = Path(out_dir) / PREDICTIONS_DIR / safe_name(prompts_name)
-    return base.with_suffix(".csv"), base.with_suffix(".json")
+    folder, name = Path(out_dir) / PREDICTIONS_DIR, safe_name(prompts_name)
+    return folder / f"{name}.csv", folder / f"{name}.json"  # not with_suffix: names may hold dots
 
 
 def write_predictions(
