@@ -218,3 +218,21 @@ def test_cli_embed_usage_errors(tiled, tmp_path):
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
     res = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--prune-layers", "a,b"])
     assert res.exit_code == 2 and "--prune-layers" in res.output
+
+
+def test_default_model_is_the_shipped_demo_with_one_warning(tiled, tmp_path, caplog):
+    import hashlib
+
+    from wsi_pipeline.model import shipped_weights
+
+    shipped = shipped_weights("convlm_demo")
+    assert shipped is not None, "models/convlm_demo.safetensors must ship with the repository"
+    out = _copy_out(tiled, tmp_path)
+    with caplog.at_level("WARNING", logger="wsi_pipeline"):
+        summary = embed_slides(out, EmbedConfig(), slide_ids=["b"])
+    notices = [r.getMessage() for r in caplog.records if "synthetic" in r.getMessage()]
+    assert len(notices) == 1 and "not for real slides" in notices[0]
+    sf = get_store("h5").read(out / "features", summary.model_id, "b")
+    assert sf.attrs["model_name"] == "convlm_demo"
+    assert sf.attrs["weights_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert summary.model_id.startswith("convlm_demo-w" + sf.attrs["weights_sha256"][:8])

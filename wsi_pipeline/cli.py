@@ -183,10 +183,12 @@ def _default_workers() -> int:
 
 
 _EMBED_OPTIONS = [
-    click.option("--model", default="convlm_test", show_default=True,
-                 help="Registered model name or open_clip:<arch> (see models/)."),
+    click.option("--model", default="convlm_demo", show_default=True,
+                 help="Registered model name or open_clip:<arch> (see models/); convlm_demo is a demo "
+                      "trained on synthetic tissue."),
     click.option("--weights", type=click.Path(dir_okay=False, exists=True),
-                 help="Local weights (.safetensors, or a torch checkpoint read with weights_only=True)."),
+                 help="Local weights (.safetensors, or a torch checkpoint read with weights_only=True) "
+                      "[the weights shipped in models/, if any]."),
     click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
     click.option("--workers", type=click.IntRange(min=0), default=_default_workers, show_default="cores - 1, max 8",
                  help="Reader processes (0: read in the main process)."),

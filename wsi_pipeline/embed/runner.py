@@ -47,7 +47,7 @@ RANDOM_INIT_SEED = 0
 class EmbedConfig:
     """Options of the embed stage (CLI flags map one to one)."""
 
-    model: str = "convlm_test"
+    model: str = "convlm_demo"
     weights: str | None = None
     batch_size: int = 64
     workers: int = 0
@@ -153,13 +153,32 @@ def resolve_slide_path(attrs: dict[str, Any], slides_dir: str | None) -> str:
     raise SlideError(f"slide file {recorded!r} recorded in the coords file no longer exists; pass --slides DIR")
 
 
+def resolve_weights(model_name: str, weights: str | None) -> str | None:
+    """``weights`` if given, else the weights shipped for ``model_name`` (``models/``), else ``None``."""
+    from ..model import shipped_notice, shipped_weights
+
+    if weights is not None:
+        return weights
+    shipped = shipped_weights(model_name)
+    if shipped is None:
+        return None
+    notice = shipped_notice(model_name)
+    if notice:
+        _logger.warning(notice)
+    return str(shipped)
+
+
 def load_encoder(cfg: EmbedConfig, device: torch.device) -> Any:
-    """The model, in eval mode on ``device``; random init is seeded so runs agree."""
+    """The model, in eval mode on ``device``, with ``cfg.weights`` or the shipped weights.
+
+    A model without either keeps its random init, seeded so that runs agree.
+    """
     from ..model import create_model
 
-    if cfg.weights is None:
+    weights = resolve_weights(cfg.model, cfg.weights)
+    if weights is None:
         torch.manual_seed(RANDOM_INIT_SEED)
-    model = create_model(cfg.model, weights=cfg.weights, device=str(device), precision="fp32")
+    model = create_model(cfg.model, weights=weights, device=str(device), precision="fp32")
     model.eval()
     return model
 
