@@ -389,5 +389,83 @@ def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out
     ctx.exit(1 if summary.n_failed else 0)
 
 
+@main.command()
+@click.option("--data", required=True, help="ROI patches: one folder per class (ImageFolder) or a CSV path,label.")
+@click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Class prompts (same format as classify), e.g. configs/prompts/demo_train.yaml.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: model.safetensors, config.json, train_log.json/.csv.")
+@click.option("--model", default="convlm_demo", show_default=True, help="Registered model to train.")
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True), help="Initial weights (fine-tuning).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr-backbone", type=float, default=5e-4, show_default=True)
+@click.option("--lr-text", type=float, default=5e-4, show_default=True)
+@click.option("--lr-head", type=float, default=1e-3, show_default=True)
+@click.option("--freeze-backbone", is_flag=True, help="Keep the vision tower fixed.")
+@click.option("--freeze-text", is_flag=True, help="Keep the text tower fixed.")
+@click.option("--no-balanced", "balanced", is_flag=True, flag_value=False, default=True,
+              help="Sample uniformly instead of class-balanced.")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.1, show_default=True)
+@click.option("--context-mode", type=click.Choice(["agnostic", "label", "mix", "none"]), default="agnostic",
+              show_default=True, help="Context fed to the refining blocks while training (label = paper, leaks).")
+@click.option("--w-context-l1", type=click.FloatRange(min=0.0), default=0.1, show_default=True)
+@click.option("--w-cls-l1", type=click.FloatRange(min=0.0), default=0.1, show_default=True)
+@click.option("--color-jitter", type=click.FloatRange(min=0.0), default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--save-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@verbosity_options
+@click.pass_context
+def train(ctx: click.Context, data: str, prompts_path: str, out_dir: str, verbose: int, quiet: bool,
+          **params: Any) -> None:
+    """Train (or fine-tune) a ConVLM on labelled ROI patches against class prompts."""
+    from .errors import WsiPipelineError
+    from .train import TqdmTrainProgress, TrainConfig, train_model
+
+    quiet = _verbosity(ctx, verbose, quiet)
+    try:
+        if not Path(data).exists():
+            raise WsiPipelineError(f"--data {data} does not exist")
+        cfg = TrainConfig(data=data, prompts=prompts_path, out_dir=out_dir, **params)
+        result = train_model(cfg, progress=None if quiet else TqdmTrainProgress())
+    except WsiPipelineError as e:
+        _die(str(e))
+    final = result.final
+    click.echo(f"train: {len(result.history)} epochs in {result.seconds:.0f} s; "
+               f"val balanced accuracy {final.get('val_bacc', float('nan')):.3f}; "
+               f"weights {result.weights} (sha256 {result.sha256[:12]})")
+
+
+@main.command()
+@click.option("-o", "--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--per-class", "n_per_class", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Held-out slides per tumour class (3 classes).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the first slide [demo range].")
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True), help="Weights [the shipped demo model].")
+@click.option("--no-visuals", is_flag=True, help="Skip heatmaps, montages and report.html.")
+@verbosity_options
+@click.pass_context
+def demo(ctx: click.Context, out_dir: str, n_per_class: int, seed: int | None, weights: str | None,
+         no_visuals: bool, verbose: int, quiet: bool) -> None:
+    """Generate held-out synthetic slides and classify them zero-shot with the shipped demo model."""
+    from .demo import DEMO_SEED, run_demo
+    from .errors import WsiPipelineError
+
+    quiet = _verbosity(ctx, verbose, quiet)
+    try:
+        result = run_demo(out_dir, n_per_class=n_per_class, seed=DEMO_SEED if seed is None else seed,
+                          weights=weights, visuals=not no_visuals,
+                          progress=None if quiet else _TqdmProgress("demo", unit="patch"))
+    except WsiPipelineError as e:
+        _die(str(e))
+    if result.notice:
+        click.echo(f"note: {result.notice}")
+    click.echo(result.table())
+    if result.report_path:
+        click.echo(f"report: {result.report_path}")
+    click.echo(f"demo finished in {result.seconds:.0f} s -> {result.out_dir}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename(sys.argv[0]))
