@@ -411,7 +411,12 @@ def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out
               show_default=True, help="Context fed to the refining blocks while training (label = paper, leaks).")
 @click.option("--w-context-l1", type=click.FloatRange(min=0.0), default=0.1, show_default=True)
 @click.option("--w-cls-l1", type=click.FloatRange(min=0.0), default=0.1, show_default=True)
-@click.option("--color-jitter", type=click.FloatRange(min=0.0), default=0.1, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.05, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=30, show_default=True)
+@click.option("--no-flips", "flips", is_flag=True, flag_value=False, default=True, help="No flip augmentation.")
+@click.option("--no-rot90", "rot90", is_flag=True, flag_value=False, default=True, help="No 90° rotations.")
+@click.option("--color-jitter", type=click.FloatRange(min=0.0), default=0.1, show_default=True,
+              help="Colour-jitter strength (0: off).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--save-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)

@@ -8,6 +8,7 @@
 
 from .convlm import ConVLM, RefineAux
 from .registry import create_model, list_models, list_schemas, register_model
+from .shipped import shipped_notice, shipped_weights
 from .weights import load_weights, save_weights
 
 __all__ = [
@@ -19,4 +20,6 @@ __all__ = [
     "load_weights",
     "register_model",
     "save_weights",
+    "shipped_notice",
+    "shipped_weights",
 ]

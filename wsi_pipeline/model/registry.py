@@ -122,7 +122,7 @@ def convlm_test() -> ConVLM:
 
 @register_model
 def convlm_demo() -> ConVLM:
-    """Small ViT (width 192, depth 6, patch 16 at 128 px), trainable on a laptop CPU."""
+    """Small ViT (width 128, depth 6, patch 16 at 128 px), trainable on a laptop CPU; see models/convlm_demo.md."""
     return _from_config("convlm_demo")
 
 

@@ -65,6 +65,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> str:
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"name": name, "format": "wsi_pipeline.convlm"})
+        sort_safetensors_metadata(tmp)
         digest = file_sha256(tmp)
     sidecar = {
         "name": name,
@@ -79,6 +80,26 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> str:
         model.weights_sha256 = digest
     _logger.info("saved %d tensors of %s to %s (sha256 %s)", len(state), name, path, digest[:12])
     return digest
+
+
+def sort_safetensors_metadata(path: str | os.PathLike[str]) -> None:
+    """Rewrite a safetensors header in place with its ``__metadata__`` keys sorted.
+
+    safetensors serialises the metadata from a hash map, so its key order (and with it the
+    file's sha256) changes from call to call; sorted keys make equal tensors give equal bytes.
+    The header keeps its length (it is re-padded with spaces); nothing else changes.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(blob) <= n:
+            f.seek(8)
+            f.write(blob + b" " * (n - len(blob)))
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> str:
@@ -218,4 +239,5 @@ __all__ = [
     "read_state_dict",
     "save_weights",
     "sidecar_path",
+    "sort_safetensors_metadata",
 ]
