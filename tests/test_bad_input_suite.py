@@ -13,7 +13,6 @@ import csv
 import os
 import shutil
 import unicodedata
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +28,6 @@ PROMPTS = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "demo.ya
 FAST = ["--model", "convlm_test", "--patch-size", "64", "--target-mpp", "1.0", "--workers", "0",
         "--min-tissue-area", "2000", "--no-visuals", "-q"]
 GOOD = "good"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    import logging
-
-    names = ["", "wsi_pipeline", "tifffile", "tiffslide", "PIL", "h5py"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
 
 
 def _classify(inputs: list[Path | str], out: Path, *extra: str) -> Result:

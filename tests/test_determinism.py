@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,6 @@ ARGS = ["--model", "convlm_test", "--patch-size", "64", "--target-mpp", "1.0", "
         "--min-tissue-area", "2000", "--prompt-sets", "2", "-q"]
 #: Files whose only run-dependent content is a timestamp; compared after removing it.
 TIMESTAMPED = {"status.csv", "metrics.json", "report.html", "predictions/demo.json"}
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    import logging
-
-    names = ["", "wsi_pipeline", "tifffile", "tiffslide", "PIL", "h5py"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
 
 
 @pytest.fixture(scope="module")

@@ -35,17 +35,6 @@ SLIDES = ("s1", "s2", "s3")
 RAY = RuntimeConfig(executor="ray")
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    names = ["", "wsi_pipeline", "tifffile", "tiffslide", "PIL", "h5py"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
-
-
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
     """A local Ray with 2 CPUs for this module; the executor reuses it (and leaves it running)."""

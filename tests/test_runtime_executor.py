@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,19 +15,6 @@ from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.progress import NullProgress
 from wsi_pipeline.runtime import EXECUTORS, LocalExecutor, RuntimeConfig, WorkerSpec, open_executor
 from wsi_pipeline.runtime.options import runtime_config
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    import logging
-
-    names = ["", "wsi_pipeline", "tifffile", "tiffslide", "PIL", "h5py"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
 
 
 class _Recorder:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import unicodedata
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +20,6 @@ from wsi_pipeline.runtime import RuntimeConfig
 from wsi_pipeline.runtime.shard import Shard, parse_shard, shard_index
 from wsi_pipeline.store.status import read_status
 from wsi_pipeline.tiling.stage import tile_slides
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    import logging
-
-    names = ["", "wsi_pipeline", "tifffile", "tiffslide", "PIL", "h5py"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
 
 
 def _reference_shard(slide_id: str, n: int) -> int:
