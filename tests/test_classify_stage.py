@@ -30,6 +30,7 @@ from wsi_pipeline.classify.prompts import PromptSet, load_prompts, sample_prompt
 from wsi_pipeline.classify.scoring import score_features
 from wsi_pipeline.classify.stage import classify_slides
 from wsi_pipeline.config import TilingConfig
+from wsi_pipeline.embed.runner import EmbedConfig
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.model import create_model
 from wsi_pipeline.store.coords import read_coords
@@ -38,6 +39,7 @@ from wsi_pipeline.store.status import read_status
 
 PROMPTS = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "demo.yaml"
 TILING = TilingConfig(patch_size=64, target_mpp=1.0)
+EMBED = EmbedConfig(model="convlm_test")  # random init, seed 0: the reference below rebuilds it
 LABELS = {"s1": "glandular", "s2": "solid", "s3": "lymphoid", "blank": "glandular"}
 
 
@@ -58,7 +60,7 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(slides: Path):
-    return classify_slides(collect_inputs([slides / "slides"]), slides / "out", PROMPTS, tiling=TILING,
+    return classify_slides(collect_inputs([slides / "slides"]), slides / "out", PROMPTS, tiling=TILING, embed=EMBED,
                            labels=slides / "labels.csv", prompt_sets=4, seed=1)
 
 
@@ -214,7 +216,7 @@ def test_status_csv_gets_classify_rows(run, slides: Path) -> None:
 
 
 def test_rerun_on_output_folder_skips_work_and_agrees(run, slides: Path) -> None:
-    again = classify_slides(None, slides / "out", PROMPTS, top_k=1, visuals=False)
+    again = classify_slides(None, slides / "out", PROMPTS, embed=EMBED, top_k=1, visuals=False)
     assert {r.status for r in again.embed_summary.results} == {"skipped"}
     assert [r.slide_id for r in again.rows] == ["blank", "s1", "s2", "s3"]  # the slides with coords
     assert again.ks == (1, 10, 50) and again.model_id == run.model_id
@@ -231,14 +233,14 @@ def test_label_and_option_errors_come_before_any_work(slides: Path, tmp_path: Pa
     bad = tmp_path / "labels.csv"
     bad.write_text("slide_id,label\ns1,glandular\nnope,solid\n")
     with pytest.raises(ConfigError, match=r"not in this run: 'nope'"):
-        classify_slides(inputs, tmp_path / "out", PROMPTS, labels=bad)
+        classify_slides(inputs, tmp_path / "out", PROMPTS, embed=EMBED, labels=bad)
     bad.write_text("slide_id,label\ns1,papillary\n")
     with pytest.raises(ConfigError, match=r"unknown classes 'papillary'"):
-        classify_slides(inputs, tmp_path / "out", PROMPTS, labels=bad)
+        classify_slides(inputs, tmp_path / "out", PROMPTS, embed=EMBED, labels=bad)
     with pytest.raises(ConfigError, match="--prompt-sets needs --labels"):
-        classify_slides(inputs, tmp_path / "out", PROMPTS, prompt_sets=5)
+        classify_slides(inputs, tmp_path / "out", PROMPTS, embed=EMBED, prompt_sets=5)
     with pytest.raises(ConfigError, match="holds no coords files"):
-        classify_slides(None, tmp_path / "empty", PROMPTS)
+        classify_slides(None, tmp_path / "empty", PROMPTS, embed=EMBED)
     assert not (tmp_path / "out" / "coords").exists()
 
 
