@@ -178,6 +178,12 @@ def tiling_options(f: Any) -> Any:
 
 
 
+def _store_names() -> list[str]:
+    from .store.features import store_names
+
+    return store_names()
+
+
 def _default_workers() -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1))
 
@@ -200,7 +206,7 @@ _EMBED_OPTIONS = [
     click.option("--prune-layers", default=None, help="Refining blocks, 0-based, e.g. 3,6,9 [model default]."),
     click.option("--context", "context", default=None,
                  help="Prompt file whose classes give the context vector, or 'none'."),
-    click.option("--store", type=click.Choice(["h5", "zarr"]), default="h5", show_default=True),
+    click.option("--store", type=click.Choice(_store_names()), default="h5", show_default=True),
     click.option("--slides", "slides_dir", type=click.Path(file_okay=False, exists=True),
                  help="Folder holding the slides, when they moved since tiling."),
     click.option("--region-size", type=click.IntRange(min=64), default=2048, show_default=True,

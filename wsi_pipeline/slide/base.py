@@ -176,10 +176,5 @@ def get_backend(name: str) -> BackendSpec:
     return _BACKENDS[name]
 
 
-def downsample_size(size_level0: float, downsample: float) -> int:
-    """Pixels at a level covering ``size_level0`` level-0 pixels (at least 1)."""
-    return max(1, int(round(size_level0 / downsample)))
-
-
 def is_finite_positive(x: float | None) -> bool:
     return x is not None and math.isfinite(x) and x > 0

@@ -15,7 +15,6 @@ concurrent writers of different slides never see each other's partial groups.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -246,10 +245,3 @@ def get_store(name: str) -> FeatureStore:
 def store_names() -> list[str]:
     return list(_STORES)
 
-
-def remove_stale_zarr_temps(features_dir: str | os.PathLike[str], model_id: str) -> None:
-    zroot = _zarr_root(Path(features_dir), model_id)
-    if zroot.is_dir():
-        for p in zroot.glob(f".*{TMP_SUFFIX}"):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(p)
