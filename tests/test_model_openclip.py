@@ -166,3 +166,17 @@ def test_real_architectures_construct_on_meta(arch, patch):
 def test_non_vit_towers_are_refused():
     with pytest.raises(ConfigError, match="only ViT towers"):
         create_model("open_clip:RN50", device="meta")
+
+
+def test_factored_similarity_uses_the_clip_projection(tiny_arch):
+    """Zero-shot scoring of open_clip features: factored form (proj_dim < width) == project()."""
+    from wsi_pipeline.classify.similarity import FactoredSimilarity, ProjectSimilarity, similarity_for
+
+    model = _wrapped(tiny_arch)
+    assert model.projection_matrix() is model.clip.visual.proj
+    classes = torch.randn(3, model.proj_dim, generator=torch.Generator().manual_seed(1))
+    feats = torch.randn(50, model.embed_dim, generator=torch.Generator().manual_seed(2))
+    scorer = similarity_for(model, classes)
+    assert isinstance(scorer, FactoredSimilarity)
+    expected = ProjectSimilarity(model, classes, 16)(feats)
+    torch.testing.assert_close(torch.from_numpy(scorer(feats)), torch.from_numpy(expected), atol=2e-6, rtol=0)

@@ -4,7 +4,9 @@
 the *pre-projection* features together with their stored attributes and the model, and always
 applies the model's projection and L2 normalisation itself; features marked
 ``projected=True`` (or not marked at all) are refused. Skipping the projection is the most
-common zero-shot mistake (near-chance AUC), so there is no way to ask for it.
+common zero-shot mistake (near-chance AUC), so there is no way to ask for it. For models with a
+linear projection (``projection_matrix()``) the similarity is computed in an exact factored form
+that halves the work; see :mod:`wsi_pipeline.classify.similarity`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError, CorruptOutputError
+from .similarity import similarity_for
 
 _logger = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ class ProjectionModel(Protocol):
     logit_scale: torch.Tensor
 
     def project(self, features: torch.Tensor) -> torch.Tensor: ...
+
+    # Optional: ``projection_matrix() -> (D, P) tensor`` when ``project(x) == normalize(x @ M)``.
 
 
 def validate_ks(ks: int | Sequence[int]) -> tuple[int, ...]:
@@ -229,7 +233,7 @@ def score_slide_sets(
     if not _all_finite(feats):
         raise CorruptOutputError("features contain NaN or inf values; re-run embed for this slide")
 
-    sim_all = _cosine_similarity(feats, model, weights, batch_size)
+    sim_all = similarity_for(model, weights, batch_size)(feats)
     pooled_all = topk_pool(sim_all, ks)
     out = []
     for i in range(len(blocks)):
@@ -240,39 +244,6 @@ def score_slide_sets(
         preds = {k: class_names[int(np.argmax(p))] for k, p in pooled.items()}
         out.append(SlideScores(STATUS_OK, class_names, n, ks, scale, sim, pooled, probs, preds))
     return out
-
-
-def _cosine_similarity(
-    feats: torch.Tensor, model: ProjectionModel, weights: torch.Tensor, batch_size: int
-) -> np.ndarray:
-    """(N, C) cosine similarity of projected, L2-normalised features with the class embeddings."""
-    device, dtype = torch.device("cpu"), torch.float32
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        for p in params():
-            device, dtype = p.device, (p.dtype if p.is_floating_point() else torch.float32)
-            break
-    w = F.normalize(weights.to(device), dim=-1)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, feats.shape[0], batch_size):
-            x = feats[start : start + batch_size].to(device=device, dtype=dtype)
-            try:
-                z = model.project(x)
-            except RuntimeError as e:
-                raise ConfigError(
-                    f"features of dim {feats.shape[1]} do not fit the projection of {model.name}: {e}; "
-                    "classify with the model that embedded them"
-                ) from e
-            if z.shape[-1] != w.shape[1]:
-                raise ConfigError(
-                    f"projected dim {z.shape[-1]} != text classifier dim {w.shape[1]}; "
-                    f"build the text classifier with {model.name}"
-                )
-            z = z.float()
-            # == F.normalize(z) @ w.T, without materialising the normalised copy of z
-            out.append(((z @ w.T) / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu())
-    return torch.cat(out).double().numpy()
 
 
 def _all_finite(t: torch.Tensor) -> bool:

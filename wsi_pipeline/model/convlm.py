@@ -155,9 +155,19 @@ class ConVLM(nn.Module):
         """The module whose ``state_dict`` is the checkpoint format of this model."""
         return self
 
+    def projection_matrix(self) -> torch.Tensor:
+        """The image projection ``(embed_dim, proj_dim)``: ``project(x) == normalize(x @ M)``."""
+        raise NotImplementedError
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-projection features ``(B, embed_dim)`` → L2-normalised joint embeddings ``(B, proj_dim)``."""
-        raise NotImplementedError
+        if features.shape[-1] != self.embed_dim:
+            raise ConfigError(
+                f"features have width {features.shape[-1]} but {self.name} projects {self.embed_dim}-d CLS "
+                "features; use the model that produced them"
+            )
+        w = self.projection_matrix()
+        return F.normalize(features.to(device=w.device, dtype=w.dtype) @ w, dim=-1)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Token ids ``(B, context_length)`` → text embeddings ``(B, proj_dim)``."""
@@ -362,14 +372,8 @@ class ViTConVLM(ConVLM):
     def _context_mlps(self) -> dict[int, nn.Module]:
         return {int(k): m for k, m in self.context_mlp.items()}
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        if features.shape[-1] != self.embed_dim:
-            raise ConfigError(
-                f"features have width {features.shape[-1]} but {self.name} projects {self.embed_dim}-d CLS "
-                "features; use the model that produced them"
-            )
-        w = self.image_projection
-        return F.normalize(features.to(device=w.device, dtype=w.dtype) @ w, dim=-1)
+    def projection_matrix(self) -> torch.Tensor:
+        return self.image_projection
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         emb = self.text(tokens.to(self.text.token_embedding.weight.device))

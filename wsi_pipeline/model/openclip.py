@@ -150,14 +150,8 @@ class OpenClipConVLM(ConVLM):
     def _final_norm(self, cls: torch.Tensor) -> torch.Tensor:
         return self.clip.visual.ln_post(cls)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        proj = self.clip.visual.proj
-        if features.shape[-1] != self.embed_dim:
-            raise ConfigError(
-                f"features have width {features.shape[-1]} but {self.name} projects {self.embed_dim}-d CLS "
-                "features; use the model that produced them"
-            )
-        return F.normalize(features.to(device=proj.device, dtype=proj.dtype) @ proj, dim=-1)
+    def projection_matrix(self) -> torch.Tensor:
+        return self.clip.visual.proj
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         device = self.clip.token_embedding.weight.device

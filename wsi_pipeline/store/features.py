@@ -95,8 +95,12 @@ def _h5_write(
 
 def _h5_read(root: Path, model_id: str, slide_id: str) -> SlideFeatures:
     with h5py.File(_h5_path(root, model_id, slide_id), "r") as f:
+        dset = f["features"]
+        features = np.empty(dset.shape, dset.dtype)
+        if features.size:
+            dset.read_direct(features)  # no intermediate copy (a quarter faster than dset[:])
         return SlideFeatures(
-            features=f["features"][:],
+            features=features,
             coords=f["coords"][:],
             attrs={k: _jsonable(v) for k, v in f.attrs.items()},
             coords_attrs={k: _jsonable(v) for k, v in f["coords"].attrs.items()},
