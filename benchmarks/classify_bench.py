@@ -8,7 +8,7 @@ Prints the wall time, the time spent reading features (in the prefetch thread) a
 scoring waited for reads, per file and extrapolated to 1,000 files. Then, side by side on one
 slide's features in memory, the two similarity paths of :mod:`wsi_pipeline.classify.similarity`:
 ``model.project`` in batches (torch) and the factored form the pipeline uses for linear
-projections (numpy BLAS on CPU).
+projections, through torch's BLAS and through numpy's (the pipeline's choice on CPU).
 
 The default (1,000 x 10,000 x 512) is ~20 GB; check ``df -h`` first. ``--chunk N`` keeps at
 most N files on disk: each chunk is generated, classified (timed) and deleted, and the
@@ -154,15 +154,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare_paths(model: LinearProjection, text: torch.Tensor, n: int, dim: int, seed: int,
                   rounds: int = 4, reps: int = 5) -> None:
-    """Time the project() path and the factored path on the same features, in alternating rounds.
+    """Time the project() path and the factored path (torch and numpy BLAS) on the same features, alternating.
 
     Each round runs one path ``reps`` times after one untimed call: torch's and OpenBLAS's
     thread pools spin for a while after their last call and slow each other down when calls
     of the two alternate one by one.
     """
     feats = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32))
-    paths = {"project() path": ProjectSimilarity(model, text, 4096),
-             "factored path": FactoredSimilarity(model.projection_matrix(), text, torch.device("cpu"))}
+    cpu = torch.device("cpu")
+    paths = {"project() path (torch)": ProjectSimilarity(model, text, 4096),
+             "factored (torch)": FactoredSimilarity(model.projection_matrix(), text, cpu, "torch"),
+             "factored (numpy, the pipeline's CPU path)": FactoredSimilarity(model.projection_matrix(), text, cpu)}
     times = dict.fromkeys(paths, 0.0)
     results = {}
     for _ in range(rounds):
@@ -172,10 +174,12 @@ def compare_paths(model: LinearProjection, text: torch.Tensor, n: int, dim: int,
             for _ in range(reps):
                 fn(feats)
             times[name] += time.perf_counter() - t0
-    diff = float(np.abs(results["project() path"] - results["factored path"]).max())
-    a, b = (1000 * times[k] / (rounds * reps) for k in paths)
-    print(f"similarity of one {n} x {dim} slide ({rounds} alternating rounds of {reps}): project() path {a:.1f} ms, "
-          f"factored path {b:.1f} ms = {a / b:.2f}x; max |difference| {diff:.1e}")
+    base = next(iter(paths))
+    print(f"similarity of one {n} x {dim} slide, {rounds} alternating rounds of {reps} runs per path:")
+    for name in paths:
+        ms = 1000 * times[name] / (rounds * reps)
+        diff = float(np.abs(results[name] - results[base]).max())
+        print(f"  {name:44s} {ms:6.1f} ms  {times[base] / times[name]:.2f}x  max |diff| {diff:.1e}")
 
 
 if __name__ == "__main__":

@@ -45,13 +45,15 @@ def reference(feats: np.ndarray, matrix: np.ndarray, classes: np.ndarray) -> np.
     [(300, 512, 512), (257, 200, 300), (1, 130, 130), (50, 96, 32), (70, 8, 8)],
     ids=["square", "wider-projection", "one-patch", "narrower-projection", "tiny"],
 )
-def test_factored_equals_reference(monkeypatch: pytest.MonkeyPatch, n: int, d: int, p: int) -> None:
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_factored_equals_reference(monkeypatch: pytest.MonkeyPatch, n: int, d: int, p: int, backend: str) -> None:
     monkeypatch.setattr(sim_mod, "CPU_ROWS", 64)  # several row chunks, the last one partial
     rng = np.random.default_rng(d + p)
     feats = rng.normal(size=(n, d)).astype(np.float32)
     matrix = rng.normal(size=(d, p)) / np.sqrt(d)
     classes = rng.normal(size=(5, p))
-    fs = FactoredSimilarity(torch.from_numpy(matrix), torch.from_numpy(classes), torch.device("cpu"))
+    fs = FactoredSimilarity(torch.from_numpy(matrix), torch.from_numpy(classes), torch.device("cpu"), backend)
+    assert fs.numpy == (backend == "numpy")  # the torch branch is the one used on GPUs
     if p >= d:  # the triangular factor is used, in blocks of COLUMN_BLOCK columns
         assert len(fs.blocks) == -(-d // sim_mod.COLUMN_BLOCK)
         assert all(b.shape == (d - j, min(sim_mod.COLUMN_BLOCK, d - j)) for j, b in fs.blocks)
@@ -60,6 +62,15 @@ def test_factored_equals_reference(monkeypatch: pytest.MonkeyPatch, n: int, d: i
     got = fs(torch.from_numpy(feats))
     assert got.dtype == np.float64 and got.shape == (n, 5)
     np.testing.assert_allclose(got, reference(feats, matrix, classes), atol=2e-6, rtol=0)
+
+
+def test_backend_must_fit_the_device() -> None:
+    from wsi_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="backend 'numpy' on cuda"):
+        FactoredSimilarity(torch.eye(4), torch.eye(4)[:2], torch.device("cuda"), "numpy")
+    with pytest.raises(ConfigError, match="backend 'cupy'"):
+        FactoredSimilarity(torch.eye(4), torch.eye(4)[:2], torch.device("cpu"), "cupy")
 
 
 def test_zero_feature_row_scores_zero_like_project() -> None:

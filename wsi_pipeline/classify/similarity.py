@@ -53,7 +53,9 @@ def model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
 class FactoredSimilarity:
     """Exact cosine similarity for a linear projection ``M`` (D, P) and class embeddings (C, P)."""
 
-    def __init__(self, matrix: torch.Tensor, classes: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, matrix: torch.Tensor, classes: torch.Tensor, device: torch.device,
+                 backend: str | None = None) -> None:
+        """``backend``: ``"numpy"`` (CPU only) or ``"torch"``; default numpy on CPU, torch elsewhere."""
         m = matrix.detach().to("cpu", torch.float64)
         t = F.normalize(classes.detach().to("cpu", torch.float64), dim=-1)
         d, p = m.shape
@@ -66,8 +68,11 @@ class FactoredSimilarity:
             blocks = [(j, lower[j:, j : j + COLUMN_BLOCK]) for j in range(0, d, COLUMN_BLOCK)]
         else:
             blocks = [(0, m)]
-        self.numpy = device.type == "cpu"
-        self.rows = CPU_ROWS if self.numpy else 1 << 16
+        backend = backend or ("numpy" if device.type == "cpu" else "torch")
+        if backend not in ("numpy", "torch") or (backend == "numpy" and device.type != "cpu"):
+            raise ConfigError(f"similarity backend {backend!r} on {device.type}: use 'torch', or 'numpy' on cpu")
+        self.numpy = backend == "numpy"
+        self.rows = CPU_ROWS if device.type == "cpu" else 1 << 16
         self.device = device
         self.numerator = self._cast(m @ t.T)
         self.blocks = [(j, self._cast(b)) for j, b in blocks]
