@@ -103,11 +103,13 @@ def test_single_slide_input(first_run: Result, workdir: Path) -> None:
 @pytest.mark.parametrize(
     ("labels", "match"),
     [("slide_id,label\ns1,papillary\n", "unknown classes 'papillary'"),
-     ("slide_id,label\nzz,solid\n", "not in this run: 'zz'")],
+     ("slide_id,label\nzz,solid\n", "not in this run: 'zz'"),
+     ("slide_id,label\ns1,solid\ns2,n\xe9crose\n".encode("latin-1"), "is not UTF-8 text (line 3)")],
+    ids=["unknown-class", "unknown-slide", "latin-1"],
 )
-def test_bad_labels_are_one_line_usage_errors(workdir: Path, tmp_path: Path, labels: str, match: str) -> None:
+def test_bad_labels_are_one_line_usage_errors(workdir: Path, tmp_path: Path, labels: str | bytes, match: str) -> None:
     p = tmp_path / "labels.csv"
-    p.write_text(labels)
+    p.write_bytes(labels.encode() if isinstance(labels, str) else labels)
     r = _run("classify", str(workdir / "slides" / "s1.svs"), "--prompts", str(PROMPTS), "-o", str(tmp_path / "o"),
              *FAST, "--labels", str(p))
     assert r.exit_code == 2

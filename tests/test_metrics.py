@@ -54,7 +54,7 @@ def test_unknown_slides_are_named_and_truncated(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("slide,label\na,LUAD\n", "columns 'slide_id,label'"),
+        ("slide,label\na,LUAD\n", "columns 'slide_id, label'"),
         ("slide_id,label\na,LUAD\na,LUSC\n", "labelled both 'LUAD' and 'LUSC'"),
         ("slide_id,label\na,\n", "line 2: empty slide_id or label"),
         ("slide_id,label\n", "has no rows"),

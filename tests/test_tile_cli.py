@@ -61,7 +61,12 @@ def test_list_files_with_at_sign_and_option(slide_dir: Path, tmp_path: Path) -> 
 
 def test_usage_errors_exit_2_with_one_line(slide_dir: Path, tmp_path: Path) -> None:
     a = str(slide_dir / "a.tif")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("slide,mpp\nn\xe9e.svs,0.5\n".encode("latin-1"))
     cases = [
+        (["tile", a, "-o", str(tmp_path / "o"), "--mpp-csv", str(latin1)], "mpp CSV"),
+        (["tile", a, "-o", str(tmp_path / "o"), "--config", str(latin1)], "config"),
+        (["tile", f"@{latin1}", "-o", str(tmp_path / "o")], "slide list"),
         (["tile", a, "-o", str(tmp_path / "o"), "--mag", "20", "--target-mpp", "0.5"], "either"),
         (["tile", a, "-o", str(tmp_path / "o"), "--overlap", "1.5"], "overlap"),
         (["tile", a, "-o", str(tmp_path / "o"), "--threshold", "bright"], "threshold"),
@@ -76,6 +81,8 @@ def test_usage_errors_exit_2_with_one_line(slide_dir: Path, tmp_path: Path) -> N
         assert r.exit_code == 2, (args, r.output)
         assert match in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.output
+        if "latin1" in " ".join(args):
+            assert f"{latin1} is not UTF-8 text (line 2)" in r.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -101,11 +101,11 @@ def test_bad_roi_sources_raise_config_errors(tmp_path: Path, rois: Path) -> None
         load_roi_table(tmp_path / "empty")
     bad = tmp_path / "bad.csv"
     bad.write_text("file,class\na.png,x\n")
-    with pytest.raises(ConfigError, match="needs columns 'path' and 'label'"):
+    with pytest.raises(ConfigError, match="needs a header with columns 'path, label'"):
         load_roi_table(bad)
     missing = tmp_path / "missing.csv"
     missing.write_text("path,label\nnot_there.png,solid\n")
-    with pytest.raises(ConfigError, match=r"missing.csv:2: image not_there.png not found"):
+    with pytest.raises(ConfigError, match=r"missing.csv line 2: image not_there.png not found"):
         load_roi_table(missing)
 
 

@@ -14,7 +14,6 @@ Units: ``target_mpp`` and ``seg_level_mpp`` in µm/px; ``min_tissue_area`` and
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .userfiles import read_csv_table, read_text, where
 
 _logger = logging.getLogger(__name__)
 
@@ -198,10 +198,7 @@ def load_yaml_options(path: str | os.PathLike[str]) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from e
+    text = read_text(p, "config")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -222,31 +219,20 @@ def load_mpp_csv(path: str | os.PathLike[str]) -> dict[str, float]:
     name; both are accepted as keys when looking a slide up.
     """
     p = Path(path)
-    try:
-        f = open(p, encoding="utf-8-sig", newline="")
-    except OSError as e:
-        raise ConfigError(f"cannot read mpp CSV {p}: {e.strerror or e}") from e
     out: dict[str, float] = {}
-    with f:
-        reader = csv.DictReader(f)
-        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "slide" not in cols or "mpp" not in cols:
-            raise ConfigError(f"mpp CSV {p} needs a header with columns 'slide,mpp', got {cols}")
-        reader.fieldnames = cols
-        for lineno, row in enumerate(reader, start=2):
-            key = (row.get("slide") or "").strip()
-            raw = (row.get("mpp") or "").strip()
-            if not key:
-                raise ConfigError(f"mpp CSV {p} line {lineno}: empty slide name")
-            try:
-                mpp = float(raw)
-            except ValueError:
-                raise ConfigError(f"mpp CSV {p} line {lineno}: mpp {raw!r} is not a number") from None
-            if not _positive(mpp):
-                raise ConfigError(f"mpp CSV {p} line {lineno}: mpp must be positive, got {raw!r}")
-            if key in out and not math.isclose(out[key], mpp):
-                raise ConfigError(f"mpp CSV {p} line {lineno}: slide {key!r} is listed twice")
-            out[key] = mpp
+    for lineno, row in read_csv_table(p, "mpp CSV", ("slide", "mpp")):
+        key, raw, at = row["slide"], row["mpp"], where("mpp CSV", p, lineno)
+        if not key:
+            raise ConfigError(f"{at}: empty slide name")
+        try:
+            mpp = float(raw)
+        except ValueError:
+            raise ConfigError(f"{at}: mpp {raw!r} is not a number") from None
+        if not _positive(mpp):
+            raise ConfigError(f"{at}: mpp must be positive, got {raw!r}")
+        if key in out and not math.isclose(out[key], mpp):
+            raise ConfigError(f"{at}: slide {key!r} is listed twice")
+        out[key] = mpp
     _logger.debug("read %d mpp overrides from %s", len(out), p)
     return out
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ConfigError
+from .userfiles import read_text
 
 _logger = logging.getLogger(__name__)
 
@@ -83,10 +84,7 @@ def _expand_folder(folder: Path, recursive: bool) -> list[Path]:
 
 
 def _read_list(list_file: Path) -> list[Path]:
-    try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read slide list {list_file}: {e.strerror or e}") from e
+    lines = read_text(list_file, "slide list").splitlines()
     out = []
     for lineno, line in enumerate(lines, start=1):
         entry = line.strip()

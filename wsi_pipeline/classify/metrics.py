@@ -11,7 +11,6 @@ summarised by its median and inter-quartile range.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import warnings
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..userfiles import read_csv_table, where
 
 _logger = logging.getLogger(__name__)
 
@@ -39,29 +39,16 @@ def load_labels(path: str | os.PathLike[str], class_names: Sequence[str]) -> dic
         with different labels, or names classes the prompt file does not have (all named).
     """
     p = Path(path)
-    try:
-        f = open(p, encoding="utf-8-sig", newline="")
-    except OSError as e:
-        raise ConfigError(f"cannot read labels CSV {p}: {e.strerror or e}") from e
     labels: dict[str, str] = {}
-    with f:
-        reader = csv.DictReader(f)
-        cols = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
-        if not all(c in cols for c in LABEL_COLUMNS):
-            raise ConfigError(f"labels CSV {p} needs a header with columns 'slide_id,label', got {cols}")
-        reader.fieldnames = cols
-        for lineno, row in enumerate(reader, start=2):
-            sid = (row.get("slide_id") or "").strip()
-            label = (row.get("label") or "").strip()
-            if not sid and not label:
-                continue
-            if not sid or not label:
-                raise ConfigError(f"labels CSV {p} line {lineno}: empty slide_id or label")
-            if labels.get(sid, label) != label:
-                raise ConfigError(
-                    f"labels CSV {p} line {lineno}: slide {sid!r} is labelled both {labels[sid]!r} and {label!r}"
-                )
-            labels[sid] = label
+    for lineno, row in read_csv_table(p, "labels CSV", LABEL_COLUMNS):
+        sid, label = row["slide_id"], row["label"]
+        if not sid or not label:
+            raise ConfigError(f"{where('labels CSV', p, lineno)}: empty slide_id or label")
+        if labels.get(sid, label) != label:
+            raise ConfigError(
+                f"{where('labels CSV', p, lineno)}: slide {sid!r} is labelled both {labels[sid]!r} and {label!r}"
+            )
+        labels[sid] = label
     if not labels:
         raise ConfigError(f"labels CSV {p} has no rows")
     unknown = sorted(set(labels.values()) - set(class_names))

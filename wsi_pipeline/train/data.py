@@ -13,7 +13,6 @@ training run on the CPU is reproducible for a given seed.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..embed.dataset import resize_patches
 from ..errors import ConfigError
+from ..userfiles import read_csv_table, where
 
 _logger = logging.getLogger(__name__)
 
@@ -83,24 +83,19 @@ def _image_folder(root: Path) -> RoiTable:
 
 
 def _csv_table(path: Path) -> RoiTable:
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip() for f in reader.fieldnames or []]
-            if "path" not in fields or "label" not in fields:
-                raise ConfigError(f"{path}: needs columns 'path' and 'label', found {', '.join(fields) or 'none'}")
-            rows = [(str(r.get("path") or "").strip(), str(r.get("label") or "").strip()) for r in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ConfigError(f"{path}: cannot read the ROI CSV ({e}); give a UTF-8 path,label CSV") from e
+    rows = read_csv_table(path, "ROI CSV", ("path", "label"))
     if not rows:
-        raise ConfigError(f"{path}: the ROI CSV has no rows")
+        raise ConfigError(f"ROI CSV {path} has no rows")
     paths, labels = [], []
-    for line, (p, lab) in enumerate(rows, start=2):
+    for line, row in rows:
+        p, lab = row["path"], row["label"]
         if not p or not lab:
-            raise ConfigError(f"{path}:{line}: empty path or label")
+            raise ConfigError(f"{where('ROI CSV', path, line)}: empty path or label")
         full = Path(p) if Path(p).is_absolute() else path.parent / p
         if not full.is_file():
-            raise ConfigError(f"{path}:{line}: image {p} not found (relative paths are relative to the CSV)")
+            raise ConfigError(
+                f"{where('ROI CSV', path, line)}: image {p} not found (relative paths are relative to the CSV)"
+            )
         paths.append(full)
         labels.append(lab)
     return RoiTable(tuple(paths), tuple(labels), str(path))
