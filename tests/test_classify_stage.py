@@ -263,6 +263,46 @@ def test_roi_folder_is_tiled_at_its_own_resolution(tmp_path: Path) -> None:
     assert by_id["with_mpp"].status == "ok" and by_id["with_mpp"].predicted in ("glandular", "solid", "lymphoid")
 
 
+def test_roi_smaller_than_a_patch_is_one_white_padded_patch(tmp_path: Path) -> None:
+    """A 200 x 150 crop with 256 px patches: one patch at (0, 0), white beyond the image."""
+    from wsi_pipeline.embed.dataset import normalize, resize_patches
+
+    rois = tmp_path / "rois"
+    rois.mkdir()
+    rgb, truth = tissue_image(600, 450, n_blobs=4, seed=1)
+    crop = rgb[90:240, 160:360]
+    assert truth[90:240, 160:360].mean() > 0.9  # mostly tissue: ~0.43 of the padded patch
+    Image.fromarray(crop).save(rois / "small.png")
+    s = classify_slides(collect_inputs([rois]), tmp_path / "out", PROMPTS, tiling=TilingConfig(patch_size=256),
+                        embed=EMBED, visuals=False)
+    assert [(r.slide_id, r.status, r.n_patches) for r in s.rows] == [("small", "ok", 1)]
+    coords, attrs = read_coords(tmp_path / "out" / "coords" / "small.h5")
+    np.testing.assert_array_equal(coords, [[0, 0]])
+    assert attrs["patch_size_level0"] == 256 and json.loads(attrs["tiling_config"])["pad_small_images"] is True
+
+    padded = np.full((256, 256, 3), 255, np.uint8)
+    padded[:150, :200] = crop
+    torch.manual_seed(0)
+    model = create_model("convlm_test").eval()
+    with torch.no_grad():
+        x = normalize(resize_patches(padded[None], model.input_size), model.mean, model.std, torch.float32)
+        expected = model.encode_image(x).numpy()
+    feats_dir = next((tmp_path / "out" / "features").iterdir())
+    got = get_store("h5").read(feats_dir.parent, feats_dir.name, "small").features
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_slide_smaller_than_a_patch_says_so(tmp_path: Path) -> None:
+    from wsi_pipeline.tiling.stage import tile_slides
+
+    rgb, _ = tissue_image(200, 150, n_blobs=1, seed=4)
+    Image.fromarray(rgb).save(tmp_path / "tiny.png")
+    (res,) = tile_slides([tmp_path / "tiny.png"], tmp_path / "out", TilingConfig(patch_size=256, default_mpp=0.5))
+    assert res.status == "ok" and res.n_patches == 0
+    assert res.reason == ("image is 200x150 px, smaller than one 256-px patch at 0.5 µm/px (256 px here); "
+                          "lower --patch-size")
+
+
 # ---------------------------------------------------------------------------- inputs
 def test_collect_inputs_folders_lists_and_errors(tmp_path: Path) -> None:
     (tmp_path / "d" / "sub").mkdir(parents=True)

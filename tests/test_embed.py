@@ -218,6 +218,14 @@ def test_cli_embed_usage_errors(tiled, tmp_path):
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
     res = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--prune-layers", "a,b"])
     assert res.exit_code == 2 and "--prune-layers" in res.output
+    # checked against the model once, before any slide: not one failure per slide
+    res = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--prune-layers", "1,9", "-q"])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        "error: prune layers [9] are outside the model's blocks 0..3; pick 0-based block indices"], res.output
+    res = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--device", "tpu", "-q"])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        "error: --device 'tpu' is not a device; use auto, cpu, cuda or cuda:N"], res.output
+    assert not (out / "features").exists() or not any((out / "features").rglob("*.h5"))
 
 
 def test_default_model_is_the_shipped_demo_with_one_warning(tiled, tmp_path, caplog):

@@ -46,6 +46,22 @@ def test_grid_is_global_and_inside_the_slide() -> None:
     assert grid_coords(99, 500, spec).shape == (0, 2)
 
 
+def test_short_sides_get_one_padded_position_only_when_asked() -> None:
+    spec = GridSpec(256, 256)
+    assert grid_coords(224, 224, spec).shape == (0, 2)
+    np.testing.assert_array_equal(grid_coords(224, 224, spec, pad_short_sides=True), [[0, 0]])
+    # only the short side is padded; the long one keeps the normal in-bounds grid
+    np.testing.assert_array_equal(grid_coords(600, 100, spec, pad_short_sides=True), [[0, 0], [256, 0]])
+    np.testing.assert_array_equal(grid_coords(600, 300, spec, pad_short_sides=True), grid_coords(600, 300, spec))
+    assert grid_coords(0, 100, spec, pad_short_sides=True).shape == (0, 2)
+    # the padding counts as glass: a fully tissue 128 x 128 image fills a quarter of the patch
+    mask = np.ones((64, 64), bool)  # 2 level-0 px per mask px
+    coords, frac = select_patches(mask, (2.0, 2.0), (128, 128), spec, 0.25, pad_short_sides=True)
+    np.testing.assert_array_equal(coords, [[0, 0]])
+    assert frac[0] == pytest.approx(0.25)
+    assert len(select_patches(mask, (2.0, 2.0), (128, 128), spec, 0.26, pad_short_sides=True)[0]) == 0
+
+
 def test_tissue_fraction_is_exact_for_fractional_scale() -> None:
     rng = np.random.default_rng(0)
     mask = rng.random((23, 31)) < 0.4

@@ -101,6 +101,8 @@ class TilingConfig:
     so that tissue borders are covered without keeping mostly-glass patches; 0 keeps
     every patch that touches tissue). ``mpp_csv``/``default_mpp`` supply the resolution
     of slides that lack it (the CSV also overrides a wrong value in the file).
+    ``pad_small_images`` (set for ROI images by ``classify``): an image side shorter than one
+    patch gets one patch at 0, padded with white, instead of no patch.
     """
 
     target_mpp: float = 0.5
@@ -120,6 +122,7 @@ class TilingConfig:
     mpp_csv: str | None = None
     default_mpp: float | None = None
     thumbnail_max_side: int = 1024
+    pad_small_images: bool = False
 
     def __post_init__(self) -> None:
         if not _positive(self.target_mpp):
@@ -136,6 +139,8 @@ class TilingConfig:
         if not isinstance(self.backend, str) or not self.backend:
             raise ConfigError(f"backend must be a name such as 'auto', got {self.backend!r}")
         _check_int("thumbnail_max_side", self.thumbnail_max_side, 64, 16384)
+        if not isinstance(self.pad_small_images, bool):
+            raise ConfigError(f"pad_small_images must be true or false, got {self.pad_small_images!r}")
         seg = self.segmentation  # validates the segmentation fields
         object.__setattr__(self, "threshold", seg.threshold)
         for name in _FLOAT_FIELDS:  # 40000 and 40000.0 are the same setting

@@ -41,11 +41,13 @@ def roi_tiling_config(tiling: TilingConfig) -> TilingConfig:
       is mostly tissue, and Otsu would split the tissue itself into two classes.
     * ``min_tissue_area`` and ``min_hole_area`` are 0: an ROI is a curated crop and may be
       smaller than the debris threshold of a whole slide.
+    * ``pad_small_images``: an ROI side shorter than one patch (e.g. a 224 px crop with
+      256 px patches) gets one patch at 0, padded with white, instead of no patch at all.
     """
     default_mpp = tiling.default_mpp if tiling.default_mpp is not None else tiling.target_mpp
     return dataclasses.replace(
         tiling, default_mpp=default_mpp, seg_level_mpp=min(tiling.seg_level_mpp, 2.0 * tiling.target_mpp),
-        threshold=tiling.otsu_floor, min_tissue_area=0.0, min_hole_area=0.0,
+        threshold=tiling.otsu_floor, min_tissue_area=0.0, min_hole_area=0.0, pad_small_images=True,
     )
 
 

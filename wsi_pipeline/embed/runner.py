@@ -107,7 +107,10 @@ class EmbedSummary:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     return dev
@@ -194,6 +197,9 @@ class Encoder:
         self.autocast_dtype = _AUTOCAST[precision]
         self.keep_rate = model.keep_rate if cfg.keep_rate is None else float(cfg.keep_rate)
         self.prune_layers = tuple(model.prune_layers if cfg.prune_layers is None else cfg.prune_layers)
+        from ..model.refine import validate_schedule
+
+        validate_schedule(self.keep_rate, self.prune_layers, model.depth)  # a usage error, not N failed slides
         self.context = None if context is None else context.vector.to(device)
         self.compute_seconds = 0.0
 

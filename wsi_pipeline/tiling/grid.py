@@ -7,7 +7,9 @@ Level-0 geometry is in integers::
 
 The grid is anchored at level-0 (0, 0), so the same slide always gets the same patches
 whatever its tissue, and patches from overlapping runs line up. Patches that would leave
-the slide are dropped (no padding).
+the slide are dropped (no padding), except with ``pad_short_sides`` (used for ROI images):
+a side shorter than one patch then gets one patch position at 0, and the part of that patch
+beyond the image reads as white glass (and counts as glass in its tissue fraction).
 
 Tissue fraction: the mask is a piecewise-constant function on the level-0 plane (each
 mask pixel covers ``scale`` level-0 pixels). Its integral over ``[0, x] × [0, y]`` is
@@ -49,11 +51,19 @@ def grid_spec(patch_size: int, target_mpp: float, mpp_level0: float, overlap: fl
     return GridSpec(ps0, step)
 
 
-def grid_coords(width: int, height: int, spec: GridSpec) -> np.ndarray:
-    """Top-left (x, y) of every patch that lies fully inside a ``width``×``height`` level 0."""
+def grid_coords(width: int, height: int, spec: GridSpec, pad_short_sides: bool = False) -> np.ndarray:
+    """Top-left (x, y) of every patch that lies fully inside a ``width``×``height`` level 0.
+
+    With ``pad_short_sides``, a side shorter than one patch (but not empty) gets one position at 0.
+    """
     ps, step = spec.patch_size_level0, spec.step_level0
-    xs = np.arange(0, max(width - ps + 1, 0), step, dtype=np.int64)
-    ys = np.arange(0, max(height - ps + 1, 0), step, dtype=np.int64)
+
+    def positions(size: int) -> np.ndarray:
+        if pad_short_sides and 0 < size < ps:
+            return np.zeros(1, dtype=np.int64)
+        return np.arange(0, max(size - ps + 1, 0), step, dtype=np.int64)
+
+    xs, ys = positions(width), positions(height)
     gx, gy = np.meshgrid(xs, ys)  # row-major: y outer, x inner
     return np.column_stack([gx.ravel(), gy.ravel()]).astype(np.int64, copy=False)
 
@@ -115,6 +125,7 @@ def select_patches(
     level0_size: tuple[int, int],
     spec: GridSpec,
     min_tissue: float,
+    pad_short_sides: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grid patches whose tissue fraction is ≥ ``min_tissue`` (> 0 when ``min_tissue`` is 0).
 
@@ -122,7 +133,7 @@ def select_patches(
     Only candidates inside the mask's tissue bounding box are evaluated.
     """
     width, height = level0_size
-    coords = grid_coords(width, height, spec)
+    coords = grid_coords(width, height, spec, pad_short_sides)
     if len(coords) and mask.any():
         rows = np.flatnonzero(mask.any(axis=1))
         cols = np.flatnonzero(mask.any(axis=0))

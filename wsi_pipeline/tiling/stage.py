@@ -264,7 +264,8 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
         level, factor = choose_seg_level(info, config.seg_level_mpp)
         low = read_lowres(slide, info, level, factor)
     tissue = segment_tissue(low.rgb, low.mpp, config.segmentation)
-    coords, frac = select_patches(tissue.mask, low.scale, info.dimensions, spec, config.min_tissue)
+    coords, frac = select_patches(tissue.mask, low.scale, info.dimensions, spec, config.min_tissue,
+                                  config.pad_small_images)
     polygons = mask_to_polygons(tissue.mask, low.scale)
     attrs.update(
         seg_level=low.level, seg_factor=low.factor, seg_mpp=low.mpp, seg_threshold=tissue.threshold,
@@ -278,7 +279,12 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
     write_coords(paths.coords, coords, attrs, tissue_fraction=frac)  # last: it marks the slide done
     reason = ""
     if len(coords) == 0:
-        reason = "no tissue found" if not tissue.mask.any() else "no patch reaches min_tissue"
+        w, h = info.dimensions
+        if min(w, h) < spec.patch_size_level0 and not config.pad_small_images:
+            reason = (f"image is {w}x{h} px, smaller than one {config.patch_size}-px patch at "
+                      f"{config.target_mpp:g} µm/px ({spec.patch_size_level0} px here); lower --patch-size")
+        else:
+            reason = "no tissue found" if not tissue.mask.any() else "no patch reaches min_tissue"
         _logger.warning("%s: %s; empty coords written", sid, reason)
     else:
         _logger.info("%s: %d patches of %d px at %.3g µm/px", sid, len(coords), config.patch_size, config.target_mpp)
