@@ -525,6 +525,8 @@ def test_unknown_backend_and_missing_file(tiff_slide: FixtureSlide, tmp_path: Pa
         open_slide(tiff_slide.path, "bioformats")
     with pytest.raises(SlideOpenError, match="no such file"):
         open_slide(tmp_path / "absent.svs")
+    with pytest.raises(SlideOpenError, match="is a folder, not a slide file"):
+        open_slide(tmp_path)
 
 
 # -- processes: pickle, spawn, fork ----------------------------------------------------------

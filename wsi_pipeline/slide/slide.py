@@ -17,6 +17,8 @@ _logger = logging.getLogger(__name__)
 
 def _probe(path: str, backend: str) -> tuple[str, SlideBackend]:
     """Open ``path`` with ``backend`` (or the first that works when ``auto``)."""
+    if os.path.isdir(path):
+        raise SlideOpenError(f"{path}: is a folder, not a slide file")
     if not os.path.isfile(path):
         raise SlideOpenError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
