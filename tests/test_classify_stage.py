@@ -209,6 +209,38 @@ def test_visuals_and_report_links_resolve(run, slides: Path) -> None:
     assert page.count('class="contour"') >= 3  # tissue outlines of the three tissue slides
 
 
+def test_every_output_file_records_its_provenance(run, slides: Path) -> None:
+    """Thumbnail, GeoJSON, heatmaps, montage and JSON rows carry what made them (from the h5 attrs)."""
+    from wsi_pipeline import __version__
+    from wsi_pipeline.store.provenance import read_png_provenance
+
+    out = slides / "out"
+    _, cattrs = read_coords(out / "coords" / "s2.h5")
+    fattrs = get_store("h5").read(out / "features", run.model_id, "s2").attrs
+    slide_side = {"slide_id": "s2", "backend": "tiffslide", "mpp_level0": 0.5, "mpp_source": "tiffslide.mpp-x",
+                  "target_mpp": 1.0, "patch_size": 64, "patch_size_level0": 128, "wsi_pipeline_version": __version__}
+    model_side = {"model_name": "convlm_test", "model_id": run.model_id, "weights_sha256": fattrs["weights_sha256"],
+                  "keep_rate": 0.7, "prune_layers": [1, 2], "context_hash": "none", "precision": "fp32"}
+    assert cattrs["backend"] == "tiffslide" and cattrs["mpp_source"] == "tiffslide.mpp-x"
+
+    thumb = read_png_provenance(out / "thumbnails" / "s2.png")
+    assert {k: thumb[k] for k in slide_side} == slide_side and "backend_version" in thumb
+    geo = json.loads((out / "tissue" / "s2.geojson").read_text())
+    assert {k: geo["wsi_pipeline"][k] for k in slide_side} == slide_side
+    assert geo["wsi_pipeline"]["tiling_config"]["patch_size"] == 64 and geo["wsi_pipeline"]["seg_threshold"] >= 8
+
+    row = next(s for s in json.loads(run.predictions_json.read_text())["slides"] if s["slide_id"] == "s2")
+    assert {k: row["provenance"][k] for k in (*slide_side, *model_side)} == {**slide_side, **model_side}
+    for c, rel in row["visuals"]["heatmaps"].items():
+        heat = read_png_provenance(out / rel)
+        assert {k: heat[k] for k in (*slide_side, *model_side)} == {**slide_side, **model_side}
+        assert heat["class"] == c and heat["prompts"] == "demo" and heat["k"] == 10
+    montage = read_png_provenance(out / row["visuals"]["montage"])
+    assert montage["class"] == row["predicted"] and montage["model_id"] == run.model_id
+    page = (out / "report.html").read_text()
+    assert f"<b>wsi-pipeline</b>: {__version__}" in page and "<b>tiling</b>: 64 px at 1 µm/px" in page
+
+
 def test_status_csv_gets_classify_rows(run, slides: Path) -> None:
     rows = {r["slide_id"]: r for r in read_status(slides / "out") if r["stage"] == "classify"}
     assert {k: v["status"] for k, v in rows.items()} == {

@@ -24,10 +24,10 @@ from wsi_pipeline.report.heatmap import (
     render_heatmap,
     slide_heatmaps,
     thumbnail_scale,
-    write_png,
 )
 from wsi_pipeline.report.html import ReportSlide, contour_rings, render_report, write_report
 from wsi_pipeline.report.montage import read_patches, render_montage, top_patch_indices
+from wsi_pipeline.report.png import write_png
 from wsi_pipeline.report.thumbnail import render_thumbnail
 from wsi_pipeline.slide import open_slide
 

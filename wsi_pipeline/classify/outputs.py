@@ -53,6 +53,7 @@ class SlidePrediction:
     by_k: dict[int, dict[str, Any]] = field(default_factory=dict)
     label: str | None = None
     visuals: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # reader, mpp, patch size, model, schedule
 
     @classmethod
     def failed(cls, slide_id: str, reason: str, n_patches: int | None = None) -> SlidePrediction:
@@ -103,6 +104,7 @@ class SlidePrediction:
             "by_k": {str(k): v for k, v in self.by_k.items()},
             "label": self.label,
             "visuals": self.visuals,
+            "provenance": self.provenance,
         }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import ConfigError, WsiPipelineError
 from ..progress import NullProgress, Progress
 from ..store.features import SlideFeatures, get_store
+from ..store.provenance import model_provenance, slide_provenance
 from ..store.status import StatusRow, append_status
 from .outputs import SlidePrediction
 from .pooling import ProjectionModel, SlideScores, score_slide_sets
@@ -78,6 +79,7 @@ def score_features(
                     raise ConfigError("no model given to score the features with")
                 scored = score_slide_sets(loaded.features, loaded.attrs, model, classifiers, class_names, ks)
                 row = SlidePrediction.from_scores(sid, scored[0])
+                row.provenance = {**slide_provenance(loaded.coords_attrs), **model_provenance(loaded.attrs)}
                 set_preds[sid] = [s.prediction for s in scored[1:]]
                 timings["score"] += time.perf_counter() - t0
                 if on_scored is not None and scored[0].status == "ok":

@@ -217,8 +217,12 @@ def classify_slides(
     if visuals and shard is None:
         from .visuals import write_classify_report
 
-        info = {"prompts": prompts.name, "classes": ", ".join(prompts.class_names), "top-K": ks[0],
-                "model": model_id or embed.model, "created": provenance["created"]}
+        model_prov = provenance["model"]
+        info = {"prompts": f"{prompts.name} (sha256 {prompts.sha256[:12]})", "classes": ", ".join(prompts.class_names),
+                "top-K": ks[0], "model": model_id or embed.model,
+                "weights sha256": (model_prov.get("weights_sha256") or "none (random init)")[:16],
+                "tiling": f"{tiling.patch_size} px at {tiling.target_mpp:g} µm/px",
+                "wsi-pipeline": provenance["wsi_pipeline_version"], "created": provenance["created"]}
         summary.report_path = write_classify_report(out, f"wsi-pipeline classify: {prompts.name}", rows,
                                                     prompts.class_names, info, summary.metrics_block() or None)
     timings["write"] = time.perf_counter() - t0

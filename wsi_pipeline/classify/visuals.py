@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WsiPipelineError
-from ..report.heatmap import slide_heatmaps, thumbnail_scale, write_png
+from ..report.heatmap import slide_heatmaps, thumbnail_scale
 from ..report.html import ReportSlide, contour_rings, render_report, write_report
 from ..report.montage import MAX_PATCHES, read_patches, render_montage, top_patch_indices
+from ..report.png import write_png
 from ..store.features import SlideFeatures
+from ..store.provenance import model_provenance, slide_provenance
 from .outputs import SlidePrediction, safe_name
 from .pooling import SlideScores
 
@@ -75,13 +77,15 @@ def write_slide_visuals(
     out = Path(out_dir)
     names = scores.class_names
     stems = class_file_names(names)
+    provenance = {**slide_provenance(features.coords_attrs), **model_provenance(features.attrs),
+                  "prompts": prompts_name, "k": scores.k_used(scores.primary_k)}
     rel_dir = Path(HEATMAP_DIR) / safe_name(prompts_name) / safe_name(slide_id)
     images = slide_heatmaps(_load_thumbnail(out, slide_id), scores.similarity, features.coords,
                             features.coords_attrs, names, slide_id=slide_id)
     heatmaps = {}
     for c, img in images.items():
         rel = rel_dir / f"{stems[c]}.png"
-        write_png(out / rel, img)
+        write_png(out / rel, img, {**provenance, "output": "cosine-similarity heatmap", "class": c})
         heatmaps[c] = rel.as_posix()
     montage = None
     if scores.prediction is not None and slide_path:
@@ -95,7 +99,7 @@ def write_slide_visuals(
             captions = [f"#{r + 1}  {scores.similarity[i, col]:.3f}" for r, i in enumerate(idx)]
             img = render_montage(patches, captions, title=f"{slide_id}: top {len(idx)} patches of {scores.prediction}")
             rel = Path(MONTAGE_DIR) / safe_name(prompts_name) / f"{safe_name(slide_id)}.png"
-            write_png(out / rel, img)
+            write_png(out / rel, img, {**provenance, "output": "top-K patch montage", "class": scores.prediction})
             montage = rel.as_posix()
     return {"heatmaps": heatmaps, "montage": montage}
 

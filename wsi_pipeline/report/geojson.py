@@ -14,12 +14,18 @@ from typing import Any
 
 from ..errors import CorruptOutputError
 from ..store.atomic import atomic_write_text
+from ..store.provenance import KEY as PROVENANCE_KEY
 
 TISSUE_CLASS = {"name": "Tissue", "color": [0, 160, 0]}
 
 
-def polygons_to_geojson(polygons: Iterable[Any], properties: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A FeatureCollection dict with one annotation feature per (multi)polygon."""
+def polygons_to_geojson(polygons: Iterable[Any], properties: Mapping[str, Any] | None = None,
+                        provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A FeatureCollection dict with one annotation feature per (multi)polygon.
+
+    ``provenance`` goes into a ``wsi_pipeline`` member of the collection (a foreign member in
+    RFC 7946 terms: GeoJSON readers such as QuPath and shapely ignore it).
+    """
     from shapely.geometry import mapping
 
     features = []
@@ -32,13 +38,16 @@ def polygons_to_geojson(polygons: Iterable[Any], properties: Mapping[str, Any] |
         }
         props.update(properties or {})
         features.append({"type": "Feature", "geometry": mapping(poly), "properties": props})
-    return {"type": "FeatureCollection", "features": features}
+    doc: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    if provenance is not None:
+        doc[PROVENANCE_KEY] = dict(provenance)
+    return doc
 
 
 def write_geojson(path: str | os.PathLike[str], polygons: Iterable[Any],
-                  properties: Mapping[str, Any] | None = None) -> None:
+                  properties: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None) -> None:
     """Write the polygons atomically (temp file + rename)."""
-    doc = polygons_to_geojson(polygons, properties)
+    doc = polygons_to_geojson(polygons, properties, provenance)
     atomic_write_text(path, json.dumps(doc, separators=(",", ":"), default=_json_default))
 
 

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from ..store.atomic import atomic_path
 
 _logger = logging.getLogger(__name__)
 
@@ -188,12 +185,6 @@ def slide_heatmaps(
     }
 
 
-def write_png(path: str | os.PathLike[str], image: Any) -> None:
-    """Save a PIL image as PNG atomically."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
 def _ascii(text: str) -> str:
     return text.encode("ascii", "replace").decode("ascii")
 
@@ -207,5 +198,4 @@ __all__ = [
     "render_heatmap",
     "slide_heatmaps",
     "thumbnail_scale",
-    "write_png",
 ]

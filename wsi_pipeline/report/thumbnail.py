@@ -8,8 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from ..store.atomic import atomic_path
-
 CONTOUR_COLOR = (0, 170, 0)
 HOLE_COLOR = (230, 120, 0)
 PATCH_COLOR = (30, 60, 220)
@@ -60,12 +58,6 @@ def render_thumbnail(
     return img
 
 
-def write_thumbnail(path: str | os.PathLike[str], image: Any) -> None:
-    """Save a PIL image as PNG atomically (temp file + rename)."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", compress_level=1)
-
-
 def validate_png(path: str | os.PathLike[str]) -> bool | str:
     """``True`` when ``path`` is a complete PNG, else the reason."""
     from PIL import Image
@@ -80,4 +72,4 @@ def validate_png(path: str | os.PathLike[str]) -> bool | str:
     return True
 
 
-__all__ = ["render_thumbnail", "validate_png", "write_thumbnail"]
+__all__ = ["render_thumbnail", "validate_png"]

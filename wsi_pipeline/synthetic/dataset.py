@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..errors import ConfigError
+from ..report.png import write_png
 from ..store.atomic import atomic_path, atomic_write_text, ensure_writable_dir
 from .render import TISSUE_CLASSES, TUMOUR_CLASSES, render_roi
 from .scene import registered_kinds
@@ -26,14 +26,6 @@ _logger = logging.getLogger(__name__)
 
 #: Default slide size (width, height) at 0.5 µm/px: ~3 × 2.3 mm, a few hundred 256-px tissue patches.
 DEFAULT_SLIDE_SIZE = (6144, 4608)
-
-
-def write_png(path: str | os.PathLike[str], array: np.ndarray, compress_level: int = 6) -> Path:
-    """Write an image array as PNG atomically."""
-    final = Path(path)
-    with atomic_path(final) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
-    return final
 
 
 def write_class_map(path: str | os.PathLike[str], class_map: np.ndarray, mpp: float) -> Path:

@@ -241,9 +241,11 @@ def _failed(sid: str, path: str, reason: str) -> TileResult:
 def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
           overrides: Mapping[str, float]) -> TileResult:
     from ..report.geojson import write_geojson
-    from ..report.thumbnail import render_thumbnail, write_thumbnail
+    from ..report.png import write_png
+    from ..report.thumbnail import render_thumbnail
     from ..slide import open_slide
     from ..store.coords import read_coords, write_coords
+    from ..store.provenance import slide_provenance
     from .grid import grid_spec, select_patches
     from .lowres import choose_seg_level, read_lowres
     from .tissue import mask_to_polygons, segment_tissue
@@ -274,8 +276,10 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
     )
     thumb = render_thumbnail(low.rgb, low.scale, polygons, coords, spec.patch_size_level0,
                              max_side=config.thumbnail_max_side)
-    write_thumbnail(paths.thumbnail, thumb)
-    write_geojson(paths.tissue, polygons, {"slide_id": sid})
+    provenance = slide_provenance(attrs)
+    write_png(paths.thumbnail, thumb, provenance, compress_level=1)
+    write_geojson(paths.tissue, polygons, {"slide_id": sid}, provenance={
+        **provenance, "seg_mpp": low.mpp, "seg_threshold": tissue.threshold, "tiling_config": json.loads(attrs["tiling_config"])})
     write_coords(paths.coords, coords, attrs, tissue_fraction=frac)  # last: it marks the slide done
     reason = ""
     if len(coords) == 0:

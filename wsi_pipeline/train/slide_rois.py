@@ -69,8 +69,8 @@ def write_slide_rois(
     Slide ``k`` (class-major) uses seed ``seed + k`` and a grid offset drawn from it.
     Returns the path of ``labels.csv``.
     """
+    from ..report.png import write_png
     from ..synthetic import TUMOUR_CLASSES, render_slide
-    from ..synthetic.dataset import write_png
 
     bad = [c for c in classes if c not in TUMOUR_CLASSES]
     if bad or not classes:
