@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold", action="store_true", help="evict the files from the page cache before timing")
     ap.add_argument("--dir", default=None, help="work folder (default: a new temporary folder, deleted after)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where the projection model (and so the scoring) runs")
     args = ap.parse_args(argv)
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="classify_bench_"))
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print("not enough disk space for one chunk; use --chunk or fewer files", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    model = LinearProjection(args.dim, args.proj_dim).eval()
+    model = LinearProjection(args.dim, args.proj_dim).eval().to(args.device)
     classes = [f"class{i}" for i in range(args.classes)]
     text = F.normalize(torch.randn(args.classes, args.proj_dim), dim=-1)
     totals = dict.fromkeys(("wall", "read", "read_wait", "score", "write", "gen"), 0.0)
@@ -148,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({100 * totals['read_wait'] / totals['wall']:.0f}%)")
     print(f"  projection + similarity + top-K  {totals['score']:.2f} s "
           f"({100 * totals['score'] / totals['wall']:.0f}%); CSV/JSON {totals['write']:.2f} s")
-    compare_paths(model, text, args.n_patches, args.dim, args.seed)
+    compare_paths(model, text, args.n_patches, args.dim, args.seed, torch.device(args.device))
     return 0
 
 
-def compare_paths(model: LinearProjection, text: torch.Tensor, n: int, dim: int, seed: int,
+def compare_paths(model: LinearProjection, text: torch.Tensor, n: int, dim: int, seed: int, device: torch.device,
                   rounds: int = 4, reps: int = 5) -> None:
     """Time the project() path and the factored path (torch and numpy BLAS) on the same features, alternating.
 
@@ -161,10 +162,10 @@ def compare_paths(model: LinearProjection, text: torch.Tensor, n: int, dim: int,
     of the two alternate one by one.
     """
     feats = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32))
-    cpu = torch.device("cpu")
     paths = {"project() path (torch)": ProjectSimilarity(model, text, 4096),
-             "factored (torch)": FactoredSimilarity(model.projection_matrix(), text, cpu, "torch"),
-             "factored (numpy, the pipeline's CPU path)": FactoredSimilarity(model.projection_matrix(), text, cpu)}
+             "factored (torch)": FactoredSimilarity(model.projection_matrix(), text, device, "torch")}
+    if device.type == "cpu":
+        paths["factored (numpy, the pipeline's CPU path)"] = FactoredSimilarity(model.projection_matrix(), text, device)
     times = dict.fromkeys(paths, 0.0)
     results = {}
     for _ in range(rounds):
