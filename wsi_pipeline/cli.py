@@ -24,7 +24,7 @@ from .runtime.options import runtime_options
 
 #: ``tile`` options that are TilingConfig fields (a --config preset may set them too).
 _TILING_PARAMS = ("backend", "target_mpp", "mag", "patch_size", "overlap", "min_tissue", "seg_level_mpp",
-                  "threshold", "min_tissue_area", "min_hole_area", "mpp_csv", "default_mpp")
+                  "threshold", "min_tissue_area", "min_hole_area", "mpp_csv", "default_mpp", "slide_params")
 #: Reader libraries that log their own line about a file we already report in one line.
 _NOISY_LOGGERS = ("tifffile", "tiffslide", "PIL", "h5py")
 
@@ -167,6 +167,8 @@ _TILING_OPTIONS = [
                  help="Fill holes smaller than this (µm²)."),
     click.option("--mpp-csv", type=click.Path(dir_okay=False), help="CSV 'slide,mpp' with per-slide resolutions."),
     click.option("--default-mpp", type=float, help="µm/px for slides without one (warned, recorded)."),
+    click.option("--slide-params", type=click.Path(dir_okay=False),
+                 help="CSV 'slide,<option>,…' of per-slide segmentation settings (e.g. threshold, min_tissue)."),
 ]
 
 

@@ -102,7 +102,8 @@ class TilingConfig:
     every patch that touches tissue). ``mpp_csv``/``default_mpp`` supply the resolution
     of slides that lack it (the CSV also overrides a wrong value in the file).
     ``pad_small_images`` (set for ROI images by ``classify``): an image side shorter than one
-    patch gets one patch at 0, padded with white, instead of no patch.
+    patch gets one patch at 0, padded with white, instead of no patch. ``slide_params`` is a
+    CSV of per-slide segmentation settings (:func:`load_slide_params`).
     """
 
     target_mpp: float = 0.5
@@ -123,6 +124,7 @@ class TilingConfig:
     default_mpp: float | None = None
     thumbnail_max_side: int = 1024
     pad_small_images: bool = False
+    slide_params: str | None = None
 
     def __post_init__(self) -> None:
         if not _positive(self.target_mpp):
@@ -175,7 +177,7 @@ class TilingConfig:
     def signature(self) -> dict[str, Any]:
         """The settings that decide the output (used to tell whether a rerun must redo a slide)."""
         d = dataclasses.asdict(self)
-        for k in ("backend", "mpp_csv", "default_mpp", "thumbnail_max_side"):
+        for k in ("backend", "mpp_csv", "default_mpp", "thumbnail_max_side", "slide_params"):
             d.pop(k)
         return d
 
@@ -239,6 +241,49 @@ def load_mpp_csv(path: str | os.PathLike[str]) -> dict[str, float]:
             raise ConfigError(f"{at}: slide {key!r} is listed twice")
         out[key] = mpp
     _logger.debug("read %d mpp overrides from %s", len(out), p)
+    return out
+
+
+#: Settings a ``--slide-params`` CSV may change per slide: segmentation and the tissue rule.
+#: (Patch geometry stays the same for the whole cohort, so features stay comparable.)
+PER_SLIDE_OPTIONS = ("min_tissue", "seg_level_mpp", "threshold", "otsu_floor", "median_size", "close_size",
+                     "min_tissue_area", "min_hole_area", "black_value", "grey_spread")
+
+
+def load_slide_params(path: str | os.PathLike[str], base: TilingConfig) -> dict[str, dict[str, Any]]:
+    """Read a ``slide,<option>,…`` CSV of per-slide settings → slide key → overrides.
+
+    Columns are ``slide`` (an id or a file name, as in the mpp CSV) and any of
+    :data:`PER_SLIDE_OPTIONS`; an empty cell keeps the run's value. Every row is checked by
+    applying it to ``base``, so a bad value fails here, with its line, before any work.
+    """
+    p = Path(path)
+    out: dict[str, dict[str, Any]] = {}
+    types = {f.name: type(getattr(base, f.name)) for f in fields(TilingConfig)}
+    for lineno, row in read_csv_table(p, "slide params CSV", ("slide",), optional=PER_SLIDE_OPTIONS):
+        at = where("slide params CSV", p, lineno)
+        key = row.pop("slide")
+        if not key:
+            raise ConfigError(f"{at}: empty slide name")
+        if key in out:
+            raise ConfigError(f"{at}: slide {key!r} is listed twice")
+        values: dict[str, Any] = {}
+        for name, text in row.items():
+            if not text:
+                continue
+            if name == "threshold":  # 'otsu' or 0..255, checked by SegmentationParams
+                values[name] = text
+                continue
+            try:
+                values[name] = int(text) if types[name] is int else float(text)
+            except ValueError:
+                raise ConfigError(f"{at}: {name} {text!r} is not a number") from None
+        try:
+            base.merge(values)
+        except ConfigError as e:
+            raise ConfigError(f"{at}: {e}") from None
+        out[key] = values
+    _logger.debug("read per-slide settings of %d slides from %s", len(out), p)
     return out
 
 

@@ -30,22 +30,32 @@ def read_text(path: str | os.PathLike[str], what: str) -> str:
         raise ConfigError(f"{what} {p} is not UTF-8 text (line {line}); save it as UTF-8") from e
 
 
-def read_csv_table(path: str | os.PathLike[str], what: str, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+def read_csv_table(path: str | os.PathLike[str], what: str, columns: Sequence[str],
+                   optional: Sequence[str] | None = None) -> list[tuple[int, dict[str, str]]]:
     """Rows of a CSV whose header has ``columns``: ``(line number, {column: stripped cell})``.
 
-    Header names are matched stripped and case-insensitively, extra columns are allowed, a
-    UTF-8 byte-order mark is ignored and rows whose cells are all empty are skipped. ``what``
-    names the file in messages (e.g. ``"labels CSV"``).
+    Header names are matched stripped and case-insensitively (``-`` reads as ``_``), a UTF-8
+    byte-order mark is ignored and rows whose cells are all empty are skipped. Other columns
+    are ignored, unless ``optional`` is given: then the header may hold only ``columns`` and
+    ``optional`` (a typo is an error, not a silently ignored column), and the optional
+    columns present are returned too. ``what`` names the file in messages (``"labels CSV"``).
     """
     p = Path(path)
     reader = csv.reader(io.StringIO(read_text(p, what), newline=""), strict=True)
     try:
-        header = [c.strip().lower() for c in next(reader, [])]
+        header = [c.strip().lower().replace("-", "_") for c in next(reader, [])]
         missing = [c for c in columns if c not in header]
         if missing:
             got = ", ".join(header) if header else "no header"
             raise ConfigError(f"{what} {p} needs a header with columns '{', '.join(columns)}', got {got}")
-        index = {c: header.index(c) for c in columns}
+        wanted = list(columns)
+        if optional is not None:
+            unknown = [c for c in header if c not in columns and c not in optional]
+            if unknown:
+                raise ConfigError(f"{what} {p}: unknown columns {', '.join(map(repr, unknown))} "
+                                  f"(allowed besides {', '.join(columns)}: {', '.join(optional)})")
+            wanted += [c for c in optional if c in header]
+        index = {c: header.index(c) for c in wanted}
         rows = []
         for cells in reader:
             if any(cell.strip() for cell in cells):

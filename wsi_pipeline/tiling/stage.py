@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import TilingConfig, load_mpp_csv
+from ..config import TilingConfig, load_mpp_csv, load_slide_params
 from ..errors import ConfigError, MissingMppError, SlideLockedError, WsiPipelineError
 from ..progress import NullProgress, Progress
 from ..runtime.executor import RuntimeConfig, WorkerSpec, absolute, make_executor
@@ -126,15 +126,18 @@ def tile_slides(
     ids = check_unique_ids(paths)  # over the whole list, so every shard agrees
     check_backend(config.backend)
     overrides = load_mpp_csv(config.mpp_csv) if config.mpp_csv else {}
+    per_slide = load_slide_params(config.slide_params, config) if config.slide_params else {}
     out = ensure_writable_dir(out_dir)
     for sub in (COORDS_DIR, THUMBNAIL_DIR, TISSUE_DIR):
         n = remove_stale_temps(ensure_writable_dir(out / sub), min_age_s=STALE_TEMP_AGE_S)
         if n:
             _logger.info("removed %d temporary files left by an interrupted run in %s", n, out / sub)
-    unused = set(overrides) - set(ids) - {Path(p).name for p in paths}
-    if unused:
-        _logger.warning("mpp CSV lists %d slides that are not in this batch (e.g. %s)", len(unused),
-                        sorted(unused)[0])
+    names = set(ids) | {Path(p).name for p in paths}
+    for what, table in (("mpp CSV", overrides), ("slide params CSV", per_slide)):
+        unused = set(table) - names
+        if unused:
+            _logger.warning("%s lists %d slides that are not in this batch (e.g. %s)", what, len(unused),
+                            sorted(unused)[0])
     items = list(zip(paths, ids, strict=True))
     if runtime.shard is not None:
         items = runtime.shard.select(items, key=lambda item: item[1])
@@ -147,7 +150,8 @@ def tile_slides(
                 out = Path(absolute(out) or out)
                 items = [(absolute(p) or p, sid) for p, sid in items]
             spec = WorkerSpec(
-                functools.partial(TileWorker, str(out), config, overwrite, dict(overrides), runtime.lock_timeout_s),
+                functools.partial(TileWorker, str(out), config, overwrite, dict(overrides), runtime.lock_timeout_s,
+                                  per_slide),
                 on_error=functools.partial(_worker_died, str(out)), label=lambda item: item[1],
             )
             return ex.map(spec, items, progress)
@@ -164,11 +168,14 @@ class TileWorker:
     overwrite: bool = False
     mpp_overrides: Mapping[str, float] = dataclasses.field(default_factory=dict)
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    slide_params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __call__(self, item: tuple[str, str], progress: Progress) -> TileResult:
         path, sid = item
         progress.start_slide(sid, 1)
-        r = tile_slide(path, self.out_dir, self.config, slide_id=sid, overwrite=self.overwrite,
+        params = self.slide_params.get(sid, self.slide_params.get(Path(path).name))
+        config = self.config.merge(params) if params else self.config
+        r = tile_slide(path, self.out_dir, config, slide_id=sid, overwrite=self.overwrite,
                        mpp_overrides=self.mpp_overrides, lock_timeout_s=self.lock_timeout_s)
         progress.advance(1)
         progress.end_slide(sid, r.status)
