@@ -64,6 +64,12 @@ def test_factored_equals_reference(monkeypatch: pytest.MonkeyPatch, n: int, d: i
     np.testing.assert_allclose(got, reference(feats, matrix, classes), atol=2e-6, rtol=0)
 
 
+def test_no_patches_give_an_empty_matrix() -> None:
+    fs = FactoredSimilarity(torch.eye(6), torch.eye(6)[:3], torch.device("cpu"))
+    got = fs(torch.zeros(0, 6))
+    assert got.shape == (0, 3) and got.dtype == np.float64
+
+
 def test_backend_must_fit_the_device() -> None:
     from wsi_pipeline.errors import ConfigError
 

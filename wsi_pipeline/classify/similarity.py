@@ -88,7 +88,7 @@ class FactoredSimilarity:
                               "classify with the model that embedded them")
         x = feats.to(torch.float32)
         x = x.numpy() if self.numpy else x.to(self.device, non_blocking=True)
-        out = []
+        out = [np.zeros((0, self.numerator.shape[1]))]  # N = 0 gives (0, C)
         for start in range(0, x.shape[0], self.rows):
             chunk = x[start : start + self.rows]
             sq = None
