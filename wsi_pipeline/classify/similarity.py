@@ -152,9 +152,11 @@ def similarity_for(model: Any, classes: torch.Tensor, batch_size: int = 4096) ->
         cached = None
     if cached is not None and cached[0] == key:
         return cached[1]
-    device, _ = model_device_dtype(model)
-    scorer: FactoredSimilarity | ProjectSimilarity = FactoredSimilarity(matrix, classes, device)
-    if not _agrees_with_project(model, matrix):
+    device, dtype = model_device_dtype(model)
+    scorer: FactoredSimilarity | ProjectSimilarity
+    if _agrees_with_project(model, matrix, device, dtype):
+        scorer = FactoredSimilarity(matrix, classes, device)
+    else:
         _logger.warning("%s: projection_matrix() disagrees with project(); scoring through project()",
                         getattr(model, "name", type(model).__name__))
         scorer = ProjectSimilarity(model, classes, batch_size)
@@ -165,11 +167,10 @@ def similarity_for(model: Any, classes: torch.Tensor, batch_size: int = 4096) ->
     return scorer
 
 
-def _agrees_with_project(model: Any, matrix: torch.Tensor) -> bool:
+def _agrees_with_project(model: Any, matrix: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
     """Check the factored form on a fixed random probe against ``model.project``."""
     probe = torch.randn(4, matrix.shape[0], generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        device, dtype = model_device_dtype(model)
         z = model.project(probe.to(device=device, dtype=dtype)).float().cpu()
         ref = F.normalize(probe.double() @ matrix.detach().cpu().double(), dim=-1).float()
     cos = (F.normalize(z, dim=-1) * ref).sum(-1)

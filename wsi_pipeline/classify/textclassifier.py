@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError, ConfigError
 from ..store.atomic import atomic_path
 from .prompts import PromptSet
+from .similarity import model_device_dtype
 
 _logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def cache_path(
 def _encode_classes(model: TextModel, prompts: PromptSet, batch_size: int) -> torch.Tensor:
     texts = prompts.expand()
     flat = [t for cls in prompts.class_names for t in texts[cls]]
-    device = _model_device(model)
+    device, _ = model_device_dtype(model)
     was_training = bool(getattr(model, "training", False))
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -127,14 +128,6 @@ def _encode_classes(model: TextModel, prompts: PromptSet, batch_size: int) -> to
         "text classifier %s: %d classes x %d prompts on %s", prompts.name, len(per_class), len(flat), model.name
     )
     return weights.contiguous()
-
-
-def _model_device(model: object) -> torch.device:
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        for p in params():
-            return p.device
-    return torch.device("cpu")
 
 
 def _metadata(model: TextModel, prompts: PromptSet) -> dict[str, str]:

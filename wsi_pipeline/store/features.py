@@ -29,20 +29,9 @@ import numpy as np
 
 from ..errors import ConfigError
 from .atomic import TMP_SUFFIX, atomic_path, atomic_write_text, fsync_dir
+from .provenance import jsonable
 
 FEATURES_SCHEMA_VERSION = 1
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
 
 
 def _h5able(value: Any) -> Any:
@@ -51,7 +40,7 @@ def _h5able(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return np.asarray(value)
     if isinstance(value, dict):
-        return json.dumps(_jsonable(value))
+        return json.dumps(jsonable(value))
     return value
 
 
@@ -102,8 +91,8 @@ def _h5_read(root: Path, model_id: str, slide_id: str) -> SlideFeatures:
         return SlideFeatures(
             features=features,
             coords=f["coords"][:],
-            attrs={k: _jsonable(v) for k, v in f.attrs.items()},
-            coords_attrs={k: _jsonable(v) for k, v in f["coords"].attrs.items()},
+            attrs={k: jsonable(v) for k, v in f.attrs.items()},
+            coords_attrs={k: jsonable(v) for k, v in f["coords"].attrs.items()},
         )
 
 
@@ -144,8 +133,8 @@ def _zarr_write(
         n, d = features.shape
         group.create_array("features", data=features.astype(np.float32, copy=False), chunks=(max(1, min(n, 1024)), max(d, 1)))
         c = group.create_array("coords", data=coords.astype(np.int64, copy=False).reshape(-1, 2), chunks=(max(1, min(n, 65536)), 2))
-        c.attrs.update({k: _jsonable(v) for k, v in coords_attrs.items()})
-        group.attrs.update({k: _jsonable(v) for k, v in attrs.items()})
+        c.attrs.update({k: jsonable(v) for k, v in coords_attrs.items()})
+        group.attrs.update({k: jsonable(v) for k, v in attrs.items()})
         group.attrs["complete"] = True
         for p in sorted(tmp.rglob("*"), reverse=True):
             if p.is_file():

@@ -33,20 +33,22 @@ MODEL_KEYS = ("model_name", "model_id", "weights_sha256", "keep_rate", "prune_la
               "precision")
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars/arrays and bytes → JSON-able Python values."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.ndarray):
-        return value.tolist()
+def jsonable(value: Any) -> Any:
+    """An HDF5/zarr attribute value as plain Python: numpy scalars/arrays, bytes, lists of them."""
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
     return value
 
 
 def slide_provenance(coords_attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The slide-side provenance out of a coords file's attributes (``name`` becomes ``slide_id``)."""
-    out = {k: _plain(coords_attrs[k]) for k in SLIDE_KEYS if k in coords_attrs}
+    out = {k: jsonable(coords_attrs[k]) for k in SLIDE_KEYS if k in coords_attrs}
     if "name" in out:
         out["slide_id"] = out.pop("name")
     out.setdefault("wsi_pipeline_version", __version__)
@@ -55,7 +57,7 @@ def slide_provenance(coords_attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 def model_provenance(feature_attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The model-side provenance out of a features file's attributes."""
-    return {k: _plain(feature_attrs[k]) for k in MODEL_KEYS if k in feature_attrs}
+    return {k: jsonable(feature_attrs[k]) for k in MODEL_KEYS if k in feature_attrs}
 
 
 def png_info(provenance: Mapping[str, Any]) -> Any:
@@ -64,7 +66,7 @@ def png_info(provenance: Mapping[str, Any]) -> Any:
 
     info = PngInfo()
     info.add_text("Software", f"wsi-pipeline {__version__}")
-    info.add_itxt(KEY, json.dumps({k: _plain(v) for k, v in provenance.items()}, sort_keys=True))
+    info.add_itxt(KEY, json.dumps({k: jsonable(v) for k, v in provenance.items()}, sort_keys=True))
     return info
 
 
@@ -77,4 +79,4 @@ def read_png_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
-__all__ = ["KEY", "model_provenance", "png_info", "read_png_provenance", "slide_provenance"]
+__all__ = ["KEY", "jsonable", "model_provenance", "png_info", "read_png_provenance", "slide_provenance"]

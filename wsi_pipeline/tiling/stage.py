@@ -173,13 +173,19 @@ class TileWorker:
     def __call__(self, item: tuple[str, str], progress: Progress) -> TileResult:
         path, sid = item
         progress.start_slide(sid, 1)
-        params = self.slide_params.get(sid, self.slide_params.get(Path(path).name))
-        config = self.config.merge(params) if params else self.config
+        key = slide_key(self.slide_params, sid, path)
+        config = self.config.merge(self.slide_params[key]) if key is not None else self.config
         r = tile_slide(path, self.out_dir, config, slide_id=sid, overwrite=self.overwrite,
                        mpp_overrides=self.mpp_overrides, lock_timeout_s=self.lock_timeout_s)
         progress.advance(1)
         progress.end_slide(sid, r.status)
         return r
+
+
+def slide_key(table: Mapping[str, Any], slide_id: str, path: str | os.PathLike[str]) -> str | None:
+    """The key under which a per-slide CSV lists a slide: its id, else its file name, else ``None``."""
+    name = Path(path).name
+    return slide_id if slide_id in table else name if name in table else None
 
 
 def _worker_died(out_dir: str, item: tuple[str, str], reason: str) -> TileResult:
@@ -305,8 +311,7 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
 def resolve_mpp(info: SlideInfo, slide_id: str, config: TilingConfig, overrides: Mapping[str, float]) -> SlideInfo:
     """Apply ``--mpp-csv`` (wins: it is explicit and per slide), else keep the file's mpp, else
     ``--default-mpp`` (with a warning), else raise :class:`MissingMppError`."""
-    name = Path(info.path).name
-    key = slide_id if slide_id in overrides else name if name in overrides else None
+    key = slide_key(overrides, slide_id, info.path)
     has_mpp = is_finite_positive(info.mpp_x) and is_finite_positive(info.mpp_y)
     if key is not None:
         mpp = overrides[key]
@@ -321,7 +326,7 @@ def resolve_mpp(info: SlideInfo, slide_id: str, config: TilingConfig, overrides:
         return info.with_mpp(config.default_mpp, "default")
     raise MissingMppError(
         f"slide has no physical resolution (mpp); give --mpp-csv (slide,mpp) or --default-mpp"
-        f" (file {name})"
+        f" (file {Path(info.path).name})"
     )
 
 
