@@ -13,6 +13,8 @@ A config looks like::
     }
 
 ``vision_cfg.width`` is the pre-projection CLS width, exposed as ``ConVLM.embed_dim``.
+An optional ``"family"`` names the model class (default ``convlm``, the native ViT; ``conch``
+adds a ``pool`` section, see :data:`FAMILY_SECTIONS`).
 ``refine.layers`` are 0-based block indices; they are the default pruning schedule and
 the blocks that own a context MLP.
 """
@@ -34,6 +36,14 @@ CONFIG_DIR = "model_configs"
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+DEFAULT_FAMILY = "convlm"
+#: Sections a family needs besides the common ones (``"family"`` absent means ``convlm``, the
+#: native ViT; ``conch`` is CONCH v1's CoCa layout, see :mod:`wsi_pipeline.model.conch`).
+FAMILY_SECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    DEFAULT_FAMILY: {},
+    "conch": {"pool": ("heads", "caption_dim", "caption_queries")},
+}
 
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "vision_cfg": ("image_size", "patch_size", "width", "layers", "heads"),
@@ -82,9 +92,12 @@ def validate_config(cfg: dict[str, Any], source: str = "config") -> None:
     """Raise :class:`ConfigError` naming the first problem in an architecture config."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object at the top level")
+    family = cfg.get("family", DEFAULT_FAMILY)
+    if family not in FAMILY_SECTIONS:
+        raise ConfigError(f"{source}: unknown family {family!r}; known: {', '.join(FAMILY_SECTIONS)}")
     if not isinstance(cfg.get("embed_dim"), int) or cfg["embed_dim"] <= 0:
         raise ConfigError(f"{source}: 'embed_dim' (joint space width) must be a positive integer")
-    for section, keys in _REQUIRED.items():
+    for section, keys in {**_REQUIRED, **FAMILY_SECTIONS[family]}.items():
         sec = cfg.get(section)
         if not isinstance(sec, dict):
             raise ConfigError(f"{source}: missing section '{section}'")
@@ -125,6 +138,8 @@ def validate_config(cfg: dict[str, Any], source: str = "config") -> None:
 
 
 __all__ = [
+    "DEFAULT_FAMILY",
+    "FAMILY_SECTIONS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "config_dir",

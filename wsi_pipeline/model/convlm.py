@@ -18,8 +18,14 @@ Forward pass of the vision tower (see :mod:`wsi_pipeline.model.refine` for the t
   matrix is never materialised). With ``keep_rate = 1`` nothing is pruned and, without a
   context, the forward pass is exactly the unrefined ViT.
 
-The pre-projection feature is the CLS token after the final LayerNorm (``embed_dim`` wide);
-:meth:`ConVLM.project` maps it to the joint space and L2-normalises it.
+The pre-projection feature is the CLS token after the final LayerNorm (``embed_dim`` wide)
+for ViT backbones that pool with their class token; backbones with another pooling (CONCH's
+attentional pooler) override :meth:`ConVLM._pool`. :meth:`ConVLM.project` maps the feature to
+the joint space and L2-normalises it.
+
+The context MLPs live in ``model.context_mlp`` (block index → ``g_b``). The native ViT owns them
+(they are part of its checkpoint); any backbone can get them from a *context adapter* file
+(:mod:`wsi_pipeline.model.adapter`), which replaces the native ones.
 """
 
 from __future__ import annotations
@@ -61,12 +67,17 @@ class RefineAux:
         tokens kept there, in sequence order; ``-1`` marks a fused token from an earlier block.
     num_tokens
         Sequence length (CLS and fused token included) after every block.
+    cls_token
+        The final CLS token after the backbone's final norm, ``(B, width)``: the target of the
+        L1 term against ``g_b(c)``. It is the feature itself for CLS-pooled ViTs; for a
+        backbone with another pooling (CONCH) it is the width-wide CLS token.
     """
 
     context_out: dict[int, torch.Tensor] = field(default_factory=dict)
     cls_query: dict[int, torch.Tensor] = field(default_factory=dict)
     kept_index: dict[int, torch.Tensor] = field(default_factory=dict)
     num_tokens: list[int] = field(default_factory=list)
+    cls_token: torch.Tensor | None = None
 
 
 class ContextMLP(nn.Sequential):
@@ -97,7 +108,10 @@ class ConVLM(nn.Module):
     name, cfg
         Registry name and architecture config (dict).
     embed_dim, proj_dim
-        Pre-projection CLS width and joint image-text width.
+        Pre-projection feature width and joint image-text width.
+    width
+        Token width of the vision transformer (equal to ``embed_dim`` unless the backbone pools
+        into another width, as CONCH's attentional pooler does); context MLPs output this.
     input_size, mean, std
         Native input size (px) and normalisation constants for the embed stage.
     keep_rate, prune_layers
@@ -106,6 +120,8 @@ class ConVLM(nn.Module):
         Mixing weight of the context guidance.
     weights_sha256
         sha256 of the loaded weights file, or ``None`` for a random init.
+    adapter_sha256
+        sha256 of the context adapter file loaded on top (``None``: none).
     """
 
     def __init__(
@@ -118,12 +134,14 @@ class ConVLM(nn.Module):
         depth: int,
         num_heads: int,
         patch_size: int,
+        width: int | None = None,
     ) -> None:
         super().__init__()
         refine, pre = cfg["refine"], cfg["preprocess"]
         self.name = name
         self.cfg = cfg
         self.embed_dim = int(embed_dim)
+        self.width = int(embed_dim if width is None else width)
         self.proj_dim = int(proj_dim)
         self.depth = int(depth)
         self.num_heads = int(num_heads)
@@ -135,6 +153,7 @@ class ConVLM(nn.Module):
         self.prune_layers = tuple(int(i) for i in refine["layers"])
         self.context_alpha = float(refine["alpha"])
         self.weights_sha256: str | None = None
+        self.adapter_sha256: str | None = None
 
     # ------------------------------------------------------------------ backbone hooks
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,9 +165,27 @@ class ConVLM(nn.Module):
     def _final_norm(self, cls: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final tokens ``(B, N, width)`` → pre-projection feature ``(B, embed_dim)``: the normed CLS token."""
+        return self._final_norm(tokens[:, 0])
+
     def _context_mlps(self) -> dict[int, nn.Module]:
         """Guided block index → its context MLP (empty when the backbone has none)."""
-        return {}
+        mlps = getattr(self, "context_mlp", None)
+        return {int(k): m for k, m in mlps.items()} if mlps is not None else {}
+
+    def set_context_mlps(self, mlps: nn.ModuleDict, alpha: float) -> None:
+        """Install context MLPs (``str(block) → g_b``) with mixing weight ``alpha``, replacing any others.
+
+        For the native ViT they replace its own (part of its checkpoint); for every other
+        backbone they sit beside :attr:`state_module`, so the released checkpoint format is
+        unchanged. Used by :func:`wsi_pipeline.model.adapter.load_adapter`.
+        """
+        bad = [k for k in mlps if not 0 <= int(k) < self.depth]
+        if bad:
+            raise ConfigError(f"context MLPs at blocks {bad} are outside {self.name}'s blocks 0..{self.depth - 1}")
+        self.context_mlp = mlps
+        self.context_alpha = float(alpha)
 
     @property
     def state_module(self) -> nn.Module:
@@ -245,9 +282,10 @@ class ConVLM(nn.Module):
                     ops, tokens, idx, guide, n_keep if n_keep < m else None, aux if return_aux else None, i
                 )
             aux.num_tokens.append(tokens.shape[1])
-        feats = self._final_norm(tokens[:, 0])
+        feats = self._pool(tokens)
         if return_aux:
             aux.context_out = {i: g.flatten(1) for i, g in guides.items()}
+            aux.cls_token = self._final_norm(tokens[:, 0])
             return feats, aux
         return feats
 
@@ -288,7 +326,7 @@ class ConVLM(nn.Module):
         if c.device.type != "meta" and not bool(torch.isfinite(c).all()):
             raise ConfigError("context vector contains NaN or inf; rebuild it from the prompt file")
         out = {}
-        hd = self.embed_dim // self.num_heads
+        hd = self.width // self.num_heads
         for i, mlp in mlps.items():
             w = next(mlp.parameters())
             g = mlp(c.to(device=w.device, dtype=w.dtype))
@@ -368,9 +406,6 @@ class ViTConVLM(ConVLM):
 
     def _final_norm(self, cls: torch.Tensor) -> torch.Tensor:
         return self.visual.norm(cls)
-
-    def _context_mlps(self) -> dict[int, nn.Module]:
-        return {int(k): m for k, m in self.context_mlp.items()}
 
     def projection_matrix(self) -> torch.Tensor:
         return self.image_projection

@@ -1,21 +1,27 @@
 """Model registry: ``register_model`` builders, ``list_models`` and ``create_model``.
 
-Registered names build native :class:`~wsi_pipeline.model.convlm.ViTConVLM` models from the
-JSON files in ``model_configs/``. Names of the form ``<schema>:<arch>`` are dispatched to a
-schema builder; the only schema is ``open_clip`` (see :mod:`wsi_pipeline.model.openclip`).
+Registered names build models from the JSON files in ``model_configs/``; the config's
+``family`` picks the class (:data:`FAMILIES`: the native
+:class:`~wsi_pipeline.model.convlm.ViTConVLM`, or CONCH's CoCa layout). A builder that takes a
+``weights`` argument reads its architecture from the weights themselves (``hf_clip``: a Hugging
+Face ``CLIPModel`` folder). Names of the form ``<schema>:<arch>`` are dispatched to a schema
+builder; the only schema is ``open_clip`` (see :mod:`wsi_pipeline.model.openclip`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import ConfigError
-from .config import get_config
+from .conch import FAMILY as CONCH_FAMILY
+from .conch import ConchConVLM
+from .config import DEFAULT_FAMILY, get_config
 from .convlm import ConVLM, ViTConVLM
 from .openclip import SCHEMA as OPEN_CLIP_SCHEMA
 from .openclip import build_open_clip
@@ -23,8 +29,14 @@ from .weights import load_weights
 
 _logger = logging.getLogger(__name__)
 
-Builder = Callable[[], ConVLM]
+Builder = Callable[..., ConVLM]
 F = TypeVar("F", bound=Builder)
+
+#: Config ``family`` → model class built from a ``model_configs/*.json`` file.
+FAMILIES: dict[str, Callable[[str, dict[str, Any]], ConVLM]] = {
+    DEFAULT_FAMILY: ViTConVLM,
+    CONCH_FAMILY: ConchConVLM,
+}
 
 _MODELS: dict[str, Builder] = {}
 _SCHEMAS: dict[str, Callable[[str], ConVLM]] = {OPEN_CLIP_SCHEMA: build_open_clip}
@@ -32,7 +44,12 @@ PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float
 
 
 def register_model(fn: F) -> F:
-    """Decorator: register a zero-argument builder under its function name."""
+    """Decorator: register a builder under its function name.
+
+    A builder takes no argument, or one ``weights`` argument when the architecture is read
+    from the weights (a folder or a file inside one); it returns the untrained model and
+    sets ``model.weights_file`` to the file :func:`create_model` then loads.
+    """
     name = fn.__name__
     if name in _MODELS:
         raise ValueError(f"model {name!r} is registered twice")
@@ -76,16 +93,22 @@ def create_model(
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"device {device!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from e
-    if dev.type == "meta" and weights is not None:
-        raise ConfigError("weights cannot be loaded on the meta device; build on cpu or cuda")
     builder = _resolve(name)
+    if weights_defined(builder):
+        if weights is None:
+            raise ConfigError(f"model {name} is defined by its weights: pass --weights (a model folder or a file in one)")
+        build: Callable[[], ConVLM] = lambda: builder(weights)  # noqa: E731
+    else:
+        if dev.type == "meta" and weights is not None:
+            raise ConfigError("weights cannot be loaded on the meta device; build on cpu or cuda")
+        build = builder
     if dev.type == "meta":
         with torch.device("meta"):
-            model = builder()
+            model = build()
     else:
-        model = builder()
+        model = build()
         if weights is not None:
-            load_weights(model, weights)
+            load_weights(model, getattr(model, "weights_file", None) or weights)
     model = model.to(device=dev, dtype=PRECISIONS[precision])
     model.eval()
     _logger.info(
@@ -110,8 +133,14 @@ def _resolve(name: str) -> Builder:
     )
 
 
+def weights_defined(builder: Builder) -> bool:
+    """Whether ``builder`` reads its architecture from the weights (takes a ``weights`` argument)."""
+    return "weights" in inspect.signature(builder).parameters
+
+
 def _from_config(name: str) -> ConVLM:
-    return ViTConVLM(name, get_config(name))
+    cfg = get_config(name)
+    return FAMILIES[cfg.get("family", DEFAULT_FAMILY)](name, cfg)
 
 
 @register_model
@@ -144,4 +173,16 @@ def convlm_vit_l16() -> ConVLM:
     return _from_config("convlm_vit_l16")
 
 
-__all__ = ["PRECISIONS", "create_model", "list_models", "list_schemas", "register_model"]
+@register_model
+def conch_v1() -> ConVLM:
+    """CONCH v1 as released (``pytorch_model.bin``): ViT-B/16 at 448 px, attentional pooler, 512-d."""
+    return _from_config("conch_v1")
+
+
+@register_model
+def conch_test() -> ConVLM:
+    """Tiny CONCH-layout model (width 64, depth 4, 32 px) for tests."""
+    return _from_config("conch_test")
+
+
+__all__ = ["FAMILIES", "weights_defined", "PRECISIONS", "create_model", "list_models", "list_schemas", "register_model"]

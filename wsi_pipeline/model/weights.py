@@ -4,8 +4,9 @@
   (``{"name", "sha256", "format", "num_tensors", "wsi_pipeline_version", "cfg"}``), both atomically.
 * :func:`load_weights` reads safetensors (detected by content, not extension) or a torch
   checkpoint via ``torch.load(weights_only=True)`` (``state_dict`` / ``model`` nesting and a
-  DDP ``module.`` prefix are accepted), checks keys and shapes strictly, and records the
-  file's sha256 in ``model.weights_sha256``. Every problem is a one-line
+  DDP ``module.`` prefix are accepted), maps a released layout onto the model's own when the
+  model has ``convert_state_dict``, checks keys and shapes strictly, and records the file's
+  sha256 and path in ``model.weights_sha256`` and ``model.weights_path``. Every problem is a one-line
   :class:`~wsi_pipeline.errors.CheckpointError`.
 """
 
@@ -110,11 +111,15 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> str:
     digest = file_sha256(path)
     _check_sidecar(model, path, digest)
     state = read_state_dict(path)
+    convert = getattr(model, "convert_state_dict", None)
+    if convert is not None:  # a released layout other than the model's own (e.g. Hugging Face CLIP)
+        state = convert(state)
     module = getattr(model, "state_module", model)
     check_state_dict(module, state, path, getattr(model, "name", type(model).__name__))
     module.load_state_dict(state, strict=True)
     if hasattr(model, "weights_sha256"):
         model.weights_sha256 = digest
+        model.weights_path = str(path)
     _logger.info("loaded %s into %s (sha256 %s)", path, getattr(model, "name", "model"), digest[:12])
     return digest
 

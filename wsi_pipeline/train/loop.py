@@ -188,7 +188,7 @@ def _fit(model: Any, images: torch.Tensor, labels: torch.Tensor, train_idx: torc
 
     weights = cfg.loss_weights()
     refine_blocks = sorted(set(model._context_mlps()) | set(model.prune_layers))
-    heads = ClsRegressionHeads(refine_blocks, model.embed_dim, model.proj_dim) if weights.cls_l1 > 0 else None
+    heads = ClsRegressionHeads(refine_blocks, model.width, model.proj_dim) if weights.cls_l1 > 0 else None
     model.train()
     optimizer = build_optimizer(model, heads, cfg)
     vocab = int(model.state_module.state_dict()[_token_key(model)].shape[0])

@@ -11,7 +11,8 @@
   (:data:`CONTEXT_MODES`). The paper feeds the true class's text embedding while training,
   which leaks the label and never happens at inference; the default ``agnostic`` mode
   feeds what inference feeds (the normalised mean of the class embeddings).
-* ``g_b(c)`` are the context-MLP outputs of the guided blocks and ``h_b`` small linear
+* ``g_b(c)`` are the context-MLP outputs of the guided blocks (their L1 target ``f`` is the final
+  CLS token, which is the feature itself except for attention-pooled backbones) and ``h_b`` small linear
   heads (training only, :class:`ClsRegressionHeads`) that regress the pre-mixing CLS query of
   every refining block onto the class text embedding. ``sg`` is stop-gradient: the L1 terms
   train the context MLPs and the regression heads (and, through ``q_cls``, the vision
@@ -199,7 +200,7 @@ def convlm_loss(
     total = weights.align * align
     parts = {"align": float(align.detach())}
     if aux is not None and weights.context_l1 > 0 and aux.context_out:
-        target = feats.detach()
+        target = aux.cls_token.detach()  # the feature itself for CLS-pooled ViTs
         l1 = torch.stack([F.l1_loss(g.to(target.dtype), target) for g in aux.context_out.values()]).sum()
         total = total + weights.context_l1 * l1
         parts["context_l1"] = float(l1.detach())
