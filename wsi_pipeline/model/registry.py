@@ -23,6 +23,7 @@ from .conch import FAMILY as CONCH_FAMILY
 from .conch import ConchConVLM
 from .config import DEFAULT_FAMILY, get_config
 from .convlm import ConVLM, ViTConVLM
+from .hf_clip import build_hf_clip
 from .openclip import SCHEMA as OPEN_CLIP_SCHEMA
 from .openclip import build_open_clip
 from .weights import load_weights
@@ -183,6 +184,12 @@ def conch_v1() -> ConVLM:
 def conch_test() -> ConVLM:
     """Tiny CONCH-layout model (width 64, depth 4, 32 px) for tests."""
     return _from_config("conch_test")
+
+
+@register_model
+def hf_clip(weights: str | os.PathLike[str]) -> ConVLM:
+    """A Hugging Face ``CLIPModel`` folder as released (PLIP, QuiltNet's transformers files); see models/hf_clip.md."""
+    return build_hf_clip(weights)
 
 
 __all__ = ["FAMILIES", "weights_defined", "PRECISIONS", "create_model", "list_models", "list_schemas", "register_model"]
