@@ -7,6 +7,7 @@ ratio (counted as multiply-accumulates, as papers do) comes from the token sched
     python benchmarks/refinement_bench.py                      # ViT-S/16 @224, CPU, 2 threads
     python benchmarks/refinement_bench.py --arch b16           # ViT-B/16
     python benchmarks/refinement_bench.py --device cuda --precision bf16 --batch 128
+    python benchmarks/refinement_bench.py --model conch_v1 --batch 4   # a registered model (CONCH: 448 px, 785 tokens)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from wsi_pipeline.model import create_model  # noqa: E402
 from wsi_pipeline.model.config import get_config  # noqa: E402
 from wsi_pipeline.model.convlm import ViTConVLM  # noqa: E402
 from wsi_pipeline.model.refine import token_schedule  # noqa: E402
@@ -78,7 +80,14 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     layers = tuple(args.layers)
-    model = build(args.arch, args.image_size, layers).to(device)
+    if args.model:  # a registered model at its own input size (random init: speed does not depend on weights)
+        torch.manual_seed(0)
+        model = create_model(args.model, device=str(device))
+        a = {"width": model.width, "layers": model.depth, "label": f"{args.model} (ViT width {model.width})"}
+        args.image_size, patch = model.input_size, model.patch_size
+    else:
+        model = build(args.arch, args.image_size, layers).to(device)
+        a, patch = ARCHS[args.arch], 16
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=DTYPES[args.precision])
@@ -102,12 +111,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 times[m].append(wall)
                 cpu[m].append(proc)
 
-    a = ARCHS[args.arch]
-    grid = args.image_size // 16
+    grid = args.image_size // patch
     sched = token_schedule(grid * grid, a["layers"], args.keep, layers)
     macs = {
-        "unrefined": vit_macs(grid * grid, a["layers"], a["width"], 16, 1.0, ()),
-        "refined": vit_macs(grid * grid, a["layers"], a["width"], 16, args.keep, layers),
+        "unrefined": vit_macs(grid * grid, a["layers"], a["width"], patch, 1.0, ()),
+        "refined": vit_macs(grid * grid, a["layers"], a["width"], patch, args.keep, layers),
     }
     med = {m: statistics.median(t) for m, t in times.items()}
     med_cpu = {m: statistics.median(t) for m, t in cpu.items()}
@@ -145,6 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=sorted(ARCHS), default="s16")
+    p.add_argument("--model", default=None, help="A registered model instead of --arch (e.g. conch_v1)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--keep", type=float, default=0.7)

@@ -11,6 +11,8 @@ import torch
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.model import ConVLM, create_model, list_models, list_schemas, register_model
 from wsi_pipeline.model import registry as registry_mod
+from wsi_pipeline.model.adapter import new_adapter
+from wsi_pipeline.model.registry import weights_defined
 from wsi_pipeline.model.config import config_dir, get_config, list_configs, validate_config
 
 CARDS = Path(__file__).resolve().parents[1] / "models"
@@ -20,8 +22,9 @@ RUN_BACKWARD_BELOW = 5_000_000  # the backward pass is checked on tiny models on
 
 def test_registered_models_json_configs_and_cards_agree():
     names = set(list_models())
-    assert {"convlm_test", "convlm_demo", "convlm_vit_b16", "convlm_vit_l16"} <= names
-    assert set(list_configs()) == names
+    assert {"convlm_test", "convlm_demo", "convlm_vit_b16", "convlm_vit_l16", "conch_v1", "conch_test"} <= names
+    config_built = {n for n in names if not weights_defined(registry_mod._MODELS[n])}
+    assert set(list_configs()) == config_built
     cards = {p.stem for p in CARDS.glob("*.md")}
     assert cards == names | set(list_schemas()), (
         "every model (and schema) needs models/<name>.md and vice versa"
@@ -32,30 +35,42 @@ def test_registered_models_json_configs_and_cards_agree():
             assert needle in text, f"models/{name}.md lacks {needle!r}"
 
 
-@pytest.mark.parametrize("name", list_models())
+def _config_models() -> list[str]:
+    return list_configs()
+
+
+def _meta_inputs(model: ConVLM) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.empty(2, 3, model.input_size, model.input_size, device="meta")
+    return x, torch.empty(model.proj_dim, device="meta")
+
+
+@pytest.mark.parametrize("name", _config_models())
 def test_contract_shapes_on_meta(name):
     cfg = get_config(name)
     model = create_model(name, device="meta")
     assert isinstance(model, ConVLM) and model.name == name and not model.training
     v, r, p = cfg["vision_cfg"], cfg["refine"], cfg["preprocess"]
-    assert model.embed_dim == v["width"] and model.proj_dim == cfg["embed_dim"]
+    assert model.width == v["width"] and model.proj_dim == cfg["embed_dim"]
     assert model.input_size == p["input_size"] and model.input_size % model.patch_size == 0
     assert len(model.mean) == len(model.std) == 3 and all(s > 0 for s in model.std)
     assert model.keep_rate == r["keep_rate"] == 0.7 and model.context_alpha == 0.1
     assert model.prune_layers == tuple(r["layers"]) and all(0 < i < model.depth for i in model.prune_layers)
-    assert model.weights_sha256 is None
+    assert model.weights_sha256 is None and model.adapter_sha256 is None
     assert isinstance(model.logit_scale, torch.nn.Parameter) and model.logit_scale.shape == ()
-    assert model.image_projection.shape == (model.embed_dim, model.proj_dim)
-    x = torch.empty(2, 3, model.input_size, model.input_size, device="meta")
+    assert model.projection_matrix().shape == (model.embed_dim, model.proj_dim)
+    x, c = _meta_inputs(model)
     assert model.encode_image(x).shape == (2, model.embed_dim)
-    c = torch.empty(model.proj_dim, device="meta")
+    if not model._context_mlps():  # released backbones: no context without an adapter
+        with pytest.raises(ConfigError, match="no context MLPs"):
+            model.encode_image(x, context=c)
+        new_adapter(model)
     assert model.encode_image(x, context=c, project=True).shape == (2, model.proj_dim)
     tokens = model.tokenize(["an H&E image of tumour"])
-    assert tokens.shape == (1, cfg["text_cfg"]["context_length"])
+    assert tokens.shape == (1, model.context_length)
     assert model.encode_text(tokens.to("meta")).shape == (1, model.proj_dim)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", _config_models())
 def test_small_models_run_fully(name):
     n_params = sum(p.numel() for p in create_model(name, device="meta").parameters())
     if n_params > RUN_FULLY_BELOW:
@@ -67,18 +82,23 @@ def test_small_models_run_fully(name):
     with torch.no_grad():
         feats = model.encode_image(x)
         z = model.project(feats)
+        full = model.encode_image(x, keep_rate=1.0)
+    assert not torch.allclose(feats, full, atol=1e-4), "refinement left the feature unchanged"
     t = model.encode_prompts(["adenocarcinoma", "squamous cell carcinoma"])
     assert feats.shape == (2, model.embed_dim) and torch.isfinite(feats).all()
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(t.norm(dim=-1), torch.ones(2))
     assert not t.requires_grad
+    if not model._context_mlps():
+        new_adapter(model)
     if n_params > RUN_BACKWARD_BELOW:
         return
     model.train()
     loss = (model.encode_image(x, context=t.mean(0), project=True) @ t.T).sum()
     loss = loss + model.encode_text(model.tokenize(["x"])).sum()
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if n != "logit_scale" and p.grad is None]
+    unused = ("logit_scale", "attn_pool_caption", "ln_caption")  # CONCH's captioning pooler is never run
+    missing = [n for n, p in model.named_parameters() if not any(u in n for u in unused) and p.grad is None]
     assert missing == []
 
 

@@ -192,11 +192,13 @@ def _default_workers() -> int:
 
 _EMBED_OPTIONS = [
     click.option("--model", default="convlm_demo", show_default=True,
-                 help="Registered model name or open_clip:<arch> (see models/); convlm_demo is a demo "
-                      "trained on synthetic tissue."),
-    click.option("--weights", type=click.Path(dir_okay=False, exists=True),
-                 help="Local weights (.safetensors, or a torch checkpoint read with weights_only=True) "
-                      "[the weights shipped in models/, if any]."),
+                 help="Registered model (conch_v1, hf_clip, convlm_*), or open_clip:<arch> (see models/); "
+                      "convlm_demo is a demo trained on synthetic tissue."),
+    click.option("--weights", type=click.Path(exists=True),
+                 help="Local weights (.safetensors, or a torch checkpoint read with weights_only=True; for hf_clip "
+                      "the model folder) [the weights shipped in models/, if any]."),
+    click.option("--adapter", type=click.Path(dir_okay=False, exists=True),
+                 help="Context adapter (adapter.safetensors from 'train --adapter-only') trained on these weights."),
     click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
     click.option("--workers", type=click.IntRange(min=0), default=_default_workers, show_default="cores - 1, max 8",
                  help="Reader processes (0: read in the main process)."),
@@ -223,22 +225,29 @@ def embed_options(f: Any) -> Any:
     return f
 
 
-def _embed_config(params: dict[str, Any], overwrite: bool = False) -> Any:
-    from .embed.runner import EmbedConfig
+def _block_indices(value: str | None, flag: str) -> tuple[int, ...] | None:
+    """``"3,6,9"`` → ``(3, 6, 9)``; ``None`` stays ``None``."""
     from .errors import ConfigError
 
-    layers = params.get("prune_layers")
-    if layers is not None:
-        try:
-            layers = tuple(int(v) for v in str(layers).replace(" ", "").split(",") if v != "")
-        except ValueError:
-            raise ConfigError(f"--prune-layers {params['prune_layers']!r}: give block indices like 3,6,9") from None
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in str(value).replace(" ", "").split(",") if v != "")
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r}: give block indices like 3,6,9") from None
+
+
+def _embed_config(params: dict[str, Any], overwrite: bool = False) -> Any:
+    from .embed.runner import EmbedConfig
+
+    layers = _block_indices(params.get("prune_layers"), "--prune-layers")
     context = params.get("context")
     return EmbedConfig(
         model=params["model"], weights=params.get("weights"), batch_size=params["batch_size"],
         workers=params["workers"], device=params["device"], precision=params["precision"],
         keep_rate=params.get("keep_rate"), prune_layers=layers,
-        context=None if context in (None, "none") else context, store=params["store"],
+        context=None if context in (None, "none") else context, adapter=params.get("adapter"),
+        store=params["store"],
         slides_dir=params.get("slides_dir"), region_size=params["region_size"], overwrite=overwrite,
     )
 
@@ -402,9 +411,17 @@ def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False, exists=True),
               help="Class prompts (same format as classify), e.g. configs/prompts/demo_train.yaml.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Run folder: model.safetensors, config.json, train_log.json/.csv.")
-@click.option("--model", default="convlm_demo", show_default=True, help="Registered model to train.")
-@click.option("--weights", type=click.Path(dir_okay=False, exists=True), help="Initial weights (fine-tuning).")
+              help="Run folder: model.safetensors (adapter.safetensors), config.json, train_log.json/.csv.")
+@click.option("--model", default="convlm_demo", show_default=True,
+              help="Registered model or open_clip:<arch> to train (conch_v1, hf_clip: --adapter-only).")
+@click.option("--weights", type=click.Path(exists=True),
+              help="Initial weights (fine-tuning), or the frozen base of --adapter-only [shipped weights, if any].")
+@click.option("--adapter-only", is_flag=True,
+              help="Freeze the whole model; train only a context adapter (writes adapter.safetensors).")
+@click.option("--adapter-layers", default=None, help="Guided blocks of the adapter, 0-based [the refinement blocks].")
+@click.option("--adapter-hidden", type=click.IntRange(min=1), default=None, help="Context-MLP hidden width [ViT width].")
+@click.option("--adapter-alpha", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.1, show_default=True,
+              help="Mixing weight of the context in the CLS query.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr-backbone", type=float, default=5e-4, show_default=True)
@@ -440,6 +457,7 @@ def train(ctx: click.Context, data: str, prompts_path: str, out_dir: str, verbos
     try:
         if not Path(data).exists():
             raise WsiPipelineError(f"--data {data} does not exist")
+        params["adapter_layers"] = _block_indices(params.get("adapter_layers"), "--adapter-layers")
         cfg = TrainConfig(data=data, prompts=prompts_path, out_dir=out_dir, **params)
         result = train_model(cfg, progress=None if quiet else TqdmTrainProgress())
     except WsiPipelineError as e:

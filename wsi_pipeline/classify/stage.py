@@ -154,6 +154,9 @@ def classify_slides(
     executor = make_executor(runtime)  # e.g. Ray not installed: a usage error before any work
     prompts = load_prompts(prompts_path)
     ks = resolve_ks(top_k, prompts)
+    if embed.adapter is not None and embed.context is None:  # an adapter acts through a context: the prompts'
+        embed = dataclasses.replace(embed, context=str(prompts_path))
+        _logger.info("context for adapter %s: the classes of %s", embed.adapter, prompts_path)
     for name, value in (("prompt_sets", prompt_sets), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")

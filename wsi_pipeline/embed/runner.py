@@ -56,6 +56,7 @@ class EmbedConfig:
     keep_rate: float | None = None
     prune_layers: tuple[int, ...] | None = None
     context: str | None = None
+    adapter: str | None = None
     store: str = "h5"
     slides_dir: str | None = None
     region_size: int = 2048
@@ -128,12 +129,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def make_model_id(
-    name: str, weights_sha256: str | None, keep_rate: float, prune_layers: Sequence[int], context_hash: str | None
+    name: str, weights_sha256: str | None, keep_rate: float, prune_layers: Sequence[int], context_hash: str | None,
+    adapter_sha256: str | None = None,
 ) -> str:
     """A folder-safe id that differs whenever the features would differ."""
     base = name.replace(":", "-").replace("/", "-")
     if weights_sha256:
         base += f"-w{weights_sha256[:8]}"
+    if adapter_sha256:
+        base += f"-a{adapter_sha256[:8]}"
     refine = "full" if keep_rate >= 1.0 or not prune_layers else f"k{keep_rate:g}-l{'.'.join(map(str, prune_layers))}"
     ctx = f"ctx-{context_hash[:8]}" if context_hash else "ctx-none"
     return f"{base}_{refine}_{ctx}"
@@ -172,18 +176,31 @@ def resolve_weights(model_name: str, weights: str | None) -> str | None:
 
 
 def load_encoder(cfg: EmbedConfig, device: torch.device) -> Any:
-    """The model, in eval mode on ``device``, with ``cfg.weights`` or the shipped weights.
+    """The model, in eval mode on ``device``, with ``cfg.weights`` or the shipped weights, and
+    ``cfg.adapter`` attached (refused unless it was trained on exactly these weights).
 
-    A model without either keeps its random init, seeded so that runs agree.
+    A model without weights keeps its random init, seeded so that runs agree.
     """
     from ..model import create_model
+    from ..model.adapter import load_adapter
 
     weights = resolve_weights(cfg.model, cfg.weights)
     if weights is None:
         torch.manual_seed(RANDOM_INIT_SEED)
     model = create_model(cfg.model, weights=weights, device=str(device), precision="fp32")
+    if cfg.adapter is not None:
+        load_adapter(model, cfg.adapter)
     model.eval()
     return model
+
+
+def check_adapter_context(cfg: EmbedConfig) -> None:
+    """An adapter acts only through a context: refuse ``--adapter`` without ``--context``."""
+    if cfg.adapter is not None and cfg.context in (None, "none"):
+        raise ConfigError(
+            f"--adapter {cfg.adapter} needs a context to guide the model: add --context PROMPTS.yaml "
+            "(classify uses its --prompts file when --context is not given)"
+        )
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -200,6 +217,9 @@ class Encoder:
         from ..model.refine import validate_schedule
 
         validate_schedule(self.keep_rate, self.prune_layers, model.depth)  # a usage error, not N failed slides
+        if context is not None and not model._context_mlps():
+            raise ConfigError(f"model {cfg.model} has no context MLPs: add --adapter FILE (trained with "
+                              "'train --adapter-only') or leave out --context")
         self.context = None if context is None else context.vector.to(device)
         self.compute_seconds = 0.0
 
@@ -295,7 +315,8 @@ class SlideEmbedder:
         context = load_context(cfg.context, model)
         self.encoder = Encoder(model, cfg, device, precision, context)
         self.model_id = make_model_id(cfg.model, model.weights_sha256, self.encoder.keep_rate,
-                                      self.encoder.prune_layers, context.sha256 if context else None)
+                                      self.encoder.prune_layers, context.sha256 if context else None,
+                                      model.adapter_sha256)
         self.base_attrs = {
             "model_name": cfg.model,
             "model_id": self.model_id,
@@ -307,6 +328,9 @@ class SlideEmbedder:
             "prune_layers": list(self.encoder.prune_layers),
             "context_hash": context.sha256 if context else "none",
             "context_source": context.source if context else "none",
+            "adapter_sha256": model.adapter_sha256 or "none",
+            "adapter_path": cfg.adapter or "none",
+            "context_alpha": float(model.context_alpha) if context else 0.0,
             "precision": precision,
             "device": str(device),
             "input_size": int(model.input_size),
@@ -401,6 +425,7 @@ def embed_slides(
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     get_store(cfg.store)  # an unknown store is a usage error before any work
+    check_adapter_context(cfg)
     coords_files = find_coords_files(out_dir)
     if slide_ids is not None:
         wanted = set(slide_ids)
@@ -411,6 +436,7 @@ def embed_slides(
         _logger.info("shard %s: %d of %d slides", runtime.shard, len(coords_files), n_all)
     # absolute paths in recorded attributes (slide_path, context_source) whatever the executor
     cfg = dataclasses.replace(cfg, weights=absolute(cfg.weights), slides_dir=absolute(cfg.slides_dir),
+                              adapter=absolute(cfg.adapter),
                               context=None if cfg.context in (None, "none") else absolute(cfg.context))
     try:
         with executor as ex:

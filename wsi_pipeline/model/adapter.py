@@ -16,9 +16,10 @@ ViT uses in its own checkpoint, and string metadata:
 ``base_model``, ``base_weights_sha256``
     The registry name and the sha256 of the weights it was trained on (``none`` for a
     random init); :func:`load_adapter` refuses any other base.
-``layers``, ``alpha``, ``keep_rate``
-    Guided blocks (JSON list), mixing weight, and the refinement keep rate it was trained
-    with (the adapted model's default schedule: keep ``keep_rate`` at ``layers``).
+``layers``, ``alpha``
+    Guided blocks (JSON list) and mixing weight.
+``keep_rate``, ``prune_layers``
+    The refinement schedule it was trained with; it becomes the adapted model's default.
 ``hidden``, ``proj_dim``, ``width``, ``wsi_pipeline_version``
     Shapes (checked against the model) and the writing version.
 """
@@ -61,6 +62,7 @@ class AdapterInfo:
     layers: tuple[int, ...]
     alpha: float
     keep_rate: float
+    prune_layers: tuple[int, ...]
     hidden: int
     proj_dim: int
     width: int
@@ -98,9 +100,12 @@ def adapter_state(model: ConVLM) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in mlps.state_dict().items()}
 
 
-def save_adapter(model: ConVLM, path: str | os.PathLike[str], keep_rate: float | None = None,
-                 dtype: torch.dtype = torch.float32) -> str:
-    """Write ``model``'s context MLPs as an adapter file; return (and record) its sha256."""
+def save_adapter(model: ConVLM, path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> str:
+    """Write ``model``'s context MLPs as an adapter file; return (and record) its sha256.
+
+    The model's current default schedule (``keep_rate``, ``prune_layers``) is recorded as the
+    one the adapter was trained with.
+    """
     from .. import __version__
 
     state = {k: v.to(dtype) for k, v in adapter_state(model).items()}
@@ -112,7 +117,8 @@ def save_adapter(model: ConVLM, path: str | os.PathLike[str], keep_rate: float |
         "base_weights_sha256": model.weights_sha256 or _NO_WEIGHTS,
         "layers": json.dumps(layers),
         "alpha": repr(float(model.context_alpha)),
-        "keep_rate": repr(float(model.keep_rate if keep_rate is None else keep_rate)),
+        "keep_rate": repr(float(model.keep_rate)),
+        "prune_layers": json.dumps(list(model.prune_layers)),
         "hidden": str(int(first[0].out_features)),
         "proj_dim": str(int(model.proj_dim)),
         "width": str(int(model.width)),
@@ -157,6 +163,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[AdapterInfo, dict[str, t
             layers=tuple(int(i) for i in json.loads(meta["layers"])),
             alpha=float(meta["alpha"]),
             keep_rate=float(meta["keep_rate"]),
+            prune_layers=tuple(int(i) for i in json.loads(meta["prune_layers"])),
             hidden=int(meta["hidden"]),
             proj_dim=int(meta["proj_dim"]),
             width=int(meta["width"]),
@@ -172,8 +179,8 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[AdapterInfo, dict[str, t
 def load_adapter(model: ConVLM, path: str | os.PathLike[str]) -> AdapterInfo:
     """Attach the adapter at ``path`` to ``model`` after checking it was trained on this model and weights.
 
-    The model's default refinement schedule becomes the adapter's (keep ``keep_rate`` at its
-    guided blocks); ``model.adapter_sha256`` records the file.
+    The model's default refinement schedule becomes the one the adapter was trained with;
+    ``model.adapter_sha256`` records the file.
     """
     info, state = read_adapter(path)
     name = Path(path).name
@@ -207,10 +214,10 @@ def load_adapter(model: ConVLM, path: str | os.PathLike[str]) -> AdapterInfo:
         raise CheckpointError(f"adapter file {name} has tensors of the wrong shape ({str(e).splitlines()[-1].strip()})") from e
     from .refine import validate_schedule
 
-    validate_schedule(info.keep_rate, info.layers, model.depth)
+    validate_schedule(info.keep_rate, info.prune_layers, model.depth)
     _match_model(mlps, model)
     model.set_context_mlps(mlps, info.alpha)
-    model.keep_rate, model.prune_layers = info.keep_rate, info.layers
+    model.keep_rate, model.prune_layers = info.keep_rate, info.prune_layers
     model.adapter_sha256 = info.sha256
     _logger.info("attached adapter %s (blocks %s, alpha %g, sha256 %s) to %s", name, list(info.layers), info.alpha,
                  info.sha256[:12], model.name)

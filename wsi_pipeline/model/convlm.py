@@ -122,7 +122,13 @@ class ConVLM(nn.Module):
         sha256 of the loaded weights file, or ``None`` for a random init.
     adapter_sha256
         sha256 of the context adapter file loaded on top (``None``: none).
+    full_training
+        Whether ``train`` may fit the whole model (class attribute). Backbones that keep a
+        released text tower with its own tokenizer (CONCH, HF CLIP) set it to ``False``: only
+        a context adapter is trained on them.
     """
+
+    full_training: bool = True
 
     def __init__(
         self,

@@ -29,8 +29,8 @@ KEY = "wsi_pipeline"
 
 SLIDE_KEYS = ("name", "backend", "backend_version", "mpp_level0", "mpp_source", "target_mpp", "patch_size",
               "patch_size_level0", "wsi_pipeline_version")
-MODEL_KEYS = ("model_name", "model_id", "weights_sha256", "keep_rate", "prune_layers", "context_hash",
-              "precision")
+MODEL_KEYS = ("model_name", "model_id", "weights_sha256", "adapter_sha256", "keep_rate", "prune_layers",
+              "context_hash", "precision")
 
 
 def jsonable(value: Any) -> Any:

@@ -31,6 +31,14 @@ class TrainConfig:
         Per-group AdamW learning rates, decoupled weight decay, linear warm-up steps.
     freeze_backbone, freeze_text
         Keep the vision tower / text tower fixed.
+    adapter_only
+        Train only a fresh context adapter (:mod:`wsi_pipeline.model.adapter`) on the frozen
+        model (vision, text, projection and temperature fixed; any backbone); writes
+        ``adapter.safetensors`` instead of model weights. Without ``weights`` the model's
+        shipped weights (if any) are the base, as in ``embed``.
+    adapter_layers, adapter_hidden, adapter_alpha
+        Guided blocks (default: the model's refinement blocks), hidden width of each context
+        MLP (default: the ViT width) and mixing weight of the adapter.
     balanced
         Class-balanced sampling.
     val_fraction
@@ -66,6 +74,10 @@ class TrainConfig:
     warmup_steps: int = 30
     freeze_backbone: bool = False
     freeze_text: bool = False
+    adapter_only: bool = False
+    adapter_layers: tuple[int, ...] | None = None
+    adapter_hidden: int | None = None
+    adapter_alpha: float = 0.1
     balanced: bool = True
     val_fraction: float = 0.1
     context_mode: str = "agnostic"
@@ -107,6 +119,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
         if not (isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0):
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.adapter_hidden is not None and (
+            isinstance(self.adapter_hidden, bool) or not isinstance(self.adapter_hidden, int) or self.adapter_hidden < 1
+        ):
+            raise ConfigError(f"adapter_hidden must be a positive integer or unset, got {self.adapter_hidden!r}")
+        if not (isinstance(self.adapter_alpha, (int, float)) and 0.0 < self.adapter_alpha <= 1.0):
+            raise ConfigError(f"adapter_alpha must be in (0, 1], got {self.adapter_alpha!r}")
+        if not self.adapter_only and (self.adapter_layers is not None or self.adapter_hidden is not None):
+            raise ConfigError("adapter layers/hidden width are options of adapter training: add --adapter-only")
         if self.save_precision not in SAVE_PRECISIONS:
             raise ConfigError(f"save_precision must be one of {', '.join(SAVE_PRECISIONS)}, got {self.save_precision!r}")
         context_fn(self.context_mode)

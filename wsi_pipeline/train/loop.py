@@ -13,6 +13,11 @@ label-agnostic one the embed stage uses; the balanced accuracy with the label's 
 it (:mod:`.evaluation`). Options: :class:`~.config.TrainConfig`. Outputs in ``out_dir``: ``model.safetensors`` (+ ``.json`` sidecar), ``config.json``,
 ``train_log.json``, ``train_log.csv`` and ``aux_heads.safetensors`` (training-only heads).
 
+With ``adapter_only`` the model (vision, text, projection, temperature) is frozen and only a
+fresh context adapter trains, on any backbone; the prompts are encoded once by the frozen
+text tower (:class:`~.text.PromptBank`) and ``adapter.safetensors`` replaces
+``model.safetensors``.
+
 Runs are bit-identical for the same seed, data, torch build and thread count on the CPU.
 """
 
@@ -46,7 +51,7 @@ from .data import epoch_order, load_roi_table, read_images, stratified_split
 from .evaluation import evaluate
 from .loss import ClsRegressionHeads, class_embeddings, context_fn, convlm_loss
 from .progress import NullTrainProgress, TrainProgress
-from .text import PromptSampler
+from .text import PromptBank, PromptSampler
 
 _logger = logging.getLogger(__name__)
 
@@ -63,6 +68,7 @@ GROUPS = ("backbone", "text", "head")
 #: Parameters never weight-decayed (besides every tensor with fewer than 2 dimensions).
 NO_DECAY_SUBSTRINGS = ("token_embedding", "positional_embedding", "pos_embed", "cls_token", "class_embedding")
 WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 HEADS_FILE = "aux_heads.safetensors"
 
 
@@ -99,6 +105,8 @@ def build_optimizer(model: torch.nn.Module, extra: torch.nn.Module | None, cfg: 
     buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     named = list(model.named_parameters()) + [(f"aux.{n}", p) for n, p in (extra.named_parameters() if extra else [])]
     for name, p in named:
+        if not p.requires_grad:  # frozen by the caller (adapter training)
+            continue
         group = param_group(name)
         if group in frozen:
             p.requires_grad_(False)
@@ -145,7 +153,9 @@ def train_model(cfg: TrainConfig, progress: TrainProgress | None = None) -> Trai
     OutputError
         ``cfg.out_dir`` is not writable.
     """
+    from ..embed.runner import resolve_weights
     from ..model import create_model
+    from ..model.adapter import new_adapter
 
     cfg.validate()
     progress = progress or NullTrainProgress()
@@ -166,7 +176,17 @@ def train_model(cfg: TrainConfig, progress: TrainProgress | None = None) -> Trai
         torch.set_num_threads(cfg.threads)
     try:
         _set_seed(cfg.seed)
-        model = create_model(cfg.model, weights=cfg.weights)
+        if cfg.adapter_only:
+            model = create_model(cfg.model, weights=resolve_weights(cfg.model, cfg.weights))
+            model.requires_grad_(False)
+            new_adapter(model, cfg.adapter_layers, cfg.adapter_hidden, cfg.adapter_alpha)
+            _logger.info("adapter training on frozen %s (weights %s): blocks %s", model.name,
+                         (model.weights_sha256 or "random init")[:12], sorted(model._context_mlps()))
+        else:
+            model = create_model(cfg.model, weights=cfg.weights)
+            if not getattr(model, "full_training", True):
+                raise ConfigError(f"{cfg.model} keeps its released text tower and tokenizer: train a context "
+                                  "adapter on it with --adapter-only")
         images = read_images(table.paths, model.input_size)
         labels = torch.tensor([classes.index(lab) for lab in table.labels], dtype=torch.long)
         train_idx, val_idx = stratified_split(labels.tolist(), cfg.val_fraction, cfg.seed)
@@ -191,9 +211,13 @@ def _fit(model: Any, images: torch.Tensor, labels: torch.Tensor, train_idx: torc
     heads = ClsRegressionHeads(refine_blocks, model.width, model.proj_dim) if weights.cls_l1 > 0 else None
     model.train()
     optimizer = build_optimizer(model, heads, cfg)
-    vocab = int(model.state_module.state_dict()[_token_key(model)].shape[0])
-    sampler = PromptSampler(prompts, clip_tokenizer(model.context_length), model.context_length, vocab,
-                            cfg.text_augment(), cfg.seed)
+    if cfg.adapter_only:  # frozen text tower: encode every prompt once, with the model's own tokenizer
+        sampler: PromptSampler | PromptBank = PromptBank(model, prompts, cfg.seed)
+    else:
+        vocab = int(model.state_module.state_dict()[_token_key(model)].shape[0])
+        sampler = PromptSampler(prompts, clip_tokenizer(model.context_length), model.context_length, vocab,
+                                cfg.text_augment(), cfg.seed)
+    text_trains = not (cfg.freeze_text or cfg.adapter_only)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
     ctx_gen = torch.Generator().manual_seed(cfg.seed + 3)
@@ -217,12 +241,15 @@ def _fit(model: Any, images: torch.Tensor, labels: torch.Tensor, train_idx: torc
             x = normalize(augment(images[idx], aug_gen), model.mean, model.std, torch.float32)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup_steps)
-            with torch.set_grad_enabled(not cfg.freeze_text):
-                prompt_emb = model.encode_text(sampler.sample(cfg.prompts_per_class), normalize=True)
+            if isinstance(sampler, PromptBank):
+                prompt_emb = sampler.sample(cfg.prompts_per_class)
+            else:
+                with torch.set_grad_enabled(text_trains):
+                    prompt_emb = model.encode_text(sampler.sample(cfg.prompts_per_class), normalize=True)
             class_emb = class_embeddings(prompt_emb, len(prompts.class_names))
             ctx = ctx_of(class_emb, y, ctx_gen) if has_ctx else None
             out = convlm_loss(model, x, y, class_emb, weights, context=ctx, heads=heads,
-                              prompt_emb=None if cfg.freeze_text or cfg.prompts_per_class < 2 else prompt_emb)
+                              prompt_emb=prompt_emb if text_trains and cfg.prompts_per_class >= 2 else None)
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             optimizer.step()
@@ -257,11 +284,18 @@ def _token_key(model: Any) -> str:
 def _save(model: Any, heads: ClsRegressionHeads | None, out: Path, cfg: TrainConfig, prompts: PromptSet,
           table: Any, n_train: int, n_val: int, history: list[dict[str, Any]], seconds: float) -> TrainResult:
     from ..model import save_weights
+    from ..model.adapter import save_adapter
 
-    to_save = model if cfg.save_precision == "fp32" else copy.deepcopy(model).to(SAVE_PRECISIONS[cfg.save_precision])
-    weights_path = out / WEIGHTS_FILE
-    sha = save_weights(to_save, weights_path)
-    model.weights_sha256 = sha
+    if cfg.adapter_only:  # the base weights stay as they are: only the adapter is written
+        weights_path = out / ADAPTER_FILE
+        sha = save_adapter(model, weights_path, dtype=SAVE_PRECISIONS[cfg.save_precision])
+        base = {"base_weights": getattr(model, "weights_path", None), "base_weights_sha256": model.weights_sha256}
+    else:
+        to_save = model if cfg.save_precision == "fp32" else copy.deepcopy(model).to(SAVE_PRECISIONS[cfg.save_precision])
+        weights_path = out / WEIGHTS_FILE
+        sha = save_weights(to_save, weights_path)
+        model.weights_sha256 = sha
+        base = {}
     if heads is not None:
         with atomic_path(out / HEADS_FILE) as tmp:
             save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, str(tmp))
@@ -272,8 +306,9 @@ def _save(model: Any, heads: ClsRegressionHeads | None, out: Path, cfg: TrainCon
         "classes": list(prompts.class_names),
         "prompts_sha256": prompts.sha256,
         "data": {"source": table.source, "counts": table.counts(), "n_train": n_train, "n_val": n_val},
-        "weights": WEIGHTS_FILE,
+        "weights": weights_path.name,
         "sha256": sha,
+        **base,
         "seconds": round(seconds, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads() if cfg.threads is None else cfg.threads,
@@ -303,6 +338,7 @@ def _csv(history: Sequence[dict[str, Any]]) -> str:
 
 
 __all__ = [
+    "ADAPTER_FILE",
     "GROUPS",
     "GROUP_RULES",
     "TrainConfig",

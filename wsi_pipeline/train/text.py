@@ -120,4 +120,32 @@ class PromptSampler:
         return torch.tensor(rows, dtype=torch.long)
 
 
-__all__ = ["PromptSampler", "TextAugment"]
+class PromptBank:
+    """Prompt embeddings of a *frozen* text tower, encoded once, sampled per step.
+
+    With the text tower frozen (adapter training) the token-level augmentation above cannot
+    change anything the tower learns, so every template × synonym prompt of each class is
+    encoded once with the model's own tokenizer (any backbone: CONCH, HF CLIP, open_clip) and
+    each step draws ``n`` of them per class, with replacement, from a seeded generator.
+    """
+
+    def __init__(self, model: object, prompts: PromptSet, seed: int, batch_size: int = 64) -> None:
+        self.class_names = prompts.class_names
+        expanded = prompts.expand()
+        self.embeddings: list[torch.Tensor] = []
+        for cls in self.class_names:
+            texts = expanded[cls]
+            parts = [model.encode_prompts(texts[i : i + batch_size])  # type: ignore[attr-defined]
+                     for i in range(0, len(texts), batch_size)]
+            self.embeddings.append(torch.cat(parts).float().cpu())
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def sample(self, n_per_class: int) -> torch.Tensor:
+        """``(C * n, D)`` prompt embeddings, class-major like :meth:`PromptSampler.sample`."""
+        rows = []
+        for emb in self.embeddings:
+            rows.append(emb[torch.randint(len(emb), (n_per_class,), generator=self.generator)])
+        return torch.cat(rows)
+
+
+__all__ = ["PromptBank", "PromptSampler", "TextAugment"]
