@@ -19,12 +19,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from zeroshot_reference import class_embeddings, normalized_pixels, read_predictions, slide_probabilities, stained_rois
+from zeroshot_reference import (
+    class_embeddings,
+    normalized_pixels,
+    read_predictions,
+    slide_probabilities,
+    stained_rois,
+)
 
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import CheckpointError
-from wsi_pipeline.model import create_model
 from wsi_pipeline.model import conch as conch_mod
+from wsi_pipeline.model import create_model
 from wsi_pipeline.model.adapter import load_adapter
 
 with warnings.catch_warnings():

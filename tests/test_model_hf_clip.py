@@ -8,8 +8,6 @@ BPE that open_clip ships. Tolerance for "the same model": cosine >= 0.999999 and
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -18,73 +16,31 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from hf_factory import TINY_TEXT, TINY_VISION, clip_tokenizer, make_clip_folder
+from zeroshot_reference import class_embeddings, normalized_pixels, read_predictions, slide_probabilities
 
-transformers = pytest.importorskip("transformers")
-
-from wsi_pipeline.errors import CheckpointError, ConfigError  # noqa: E402
-from wsi_pipeline.model import create_model  # noqa: E402
+from wsi_pipeline.errors import CheckpointError, ConfigError
+from wsi_pipeline.model import create_model
 
 COS_MIN = 0.999999
 ATOL = 1e-5
 MEAN, STD = (0.52, 0.44, 0.61), (0.21, 0.27, 0.19)  # not OpenAI's: proves preprocessor_config.json is read
 LONG = "an H&E image of " + " ".join(["poorly differentiated tumour cells with nuclear atypia"] * 20)
 TEXTS = ["a photo of a cat", "an H&E image of lung adenocarcinoma.", "Squamous-cell carcinoma, keratinising!", LONG]
-TINY_VISION = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 3,
-               "image_size": 32, "patch_size": 8}
-TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
-             "max_position_embeddings": 77, "vocab_size": 49408}
 QUICK_VISION = {**TINY_VISION, "intermediate_size": 192, "num_attention_heads": 2, "num_hidden_layers": 2}
 QUICK_TEXT = {**TINY_TEXT, "num_attention_heads": 4, "eos_token_id": 2}  # the legacy config value
 
 
-# ------------------------------------------------------------------------------ folder builder
-def _write_clip_bpe(folder: Path) -> None:
-    """OpenAI CLIP's vocab.json / merges.txt from the BPE merges open_clip ships (CLIP's construction)."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1:48895]  # CLIP keeps 49152 - 256 - 2 merges after the header line
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(tokens) == 49408
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-
-
+# ------------------------------------------------------------------------------ folders
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-    """transformers' fast CLIP tokenizer, converted from the OpenAI BPE (no download)."""
-    folder = tmp_path_factory.mktemp("bpe")
-    _write_clip_bpe(folder)
-    return transformers.CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True)
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    """LayerNorms and biases initialise to 1 / 0, which would hide mistakes in their mapping."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-        model.logit_scale.fill_(3.3)
+    return clip_tokenizer(tmp_path_factory.mktemp("bpe"))
 
 
 def make_folder(folder: Path, tokenizer, vision: dict, text: dict, act: str, seed: int, projection: int = 32,
                 formats: tuple[bool, ...] = (True,)):
-    """A CLIPModel folder as transformers writes it (weights, config, tokenizer, preprocessor); returns the model."""
-    torch.manual_seed(seed)
-    cfg = transformers.CLIPConfig(text_config={**text, "hidden_act": act},
-                                  vision_config={**vision, "hidden_act": act}, projection_dim=projection)
-    model = transformers.CLIPModel(cfg).eval()
-    _randomise(model, seed)
-    for safe in formats:
-        model.save_pretrained(folder, safe_serialization=safe)
-    tokenizer.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": MEAN, "image_std": STD}))
-    return model
+    return make_clip_folder(folder, tokenizer, vision, text, act, seed, projection, formats, mean=MEAN, std=STD)
 
 
 @pytest.fixture(scope="module")
@@ -420,36 +376,22 @@ def test_classify_cli_matches_transformers_recipe(gelu_dir, hf_tokenizer, tmp_pa
     assert r.exit_code == 0, r.output
 
     ref = _reference(gelu_dir)
-    # MI-Zero recipe from transformers' embeddings: class = normalised mean of normalised prompt embeddings
-    class_emb = []
-    for synonyms in classes.values():
-        texts = [t.replace("CLASSNAME", s) for s in synonyms for t in templates]
-        class_emb.append(F.normalize(_hf_text(ref, hf_tokenizer, texts)[1].mean(0), dim=0))
-    class_emb = torch.stack(class_emb).double()
-    scale = float(ref.logit_scale.detach().exp())
-    rows = {row["slide_id"]: row for row in csv.DictReader(open(out / "predictions" / "hf.csv", newline=""))}
+    with torch.no_grad():
+        class_emb = class_embeddings(lambda t: _hf_text(ref, hf_tokenizer, t)[1], classes, templates)
+    rows = read_predictions(out / "predictions" / "hf.csv")
     (feats_dir,) = (out / "features").iterdir()
     assert set(rows) == set(images)
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     for name, rgb in images.items():
         stored = get_store("h5").read(feats_dir.parent, feats_dir.name, name)
-        patches = np.stack([rgb[y:y + 32, x:x + 32] for x, y in stored.coords])
-        assert len(patches) == (rgb.shape[0] // 32) * (rgb.shape[1] // 32)
-        x = (torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        assert len(stored.coords) == (rgb.shape[0] // 32) * (rgb.shape[1] // 32)
+        x = torch.cat([normalized_pixels(rgb[y : y + 32, x : x + 32], MEAN, STD) for x, y in stored.coords])
         with torch.no_grad():
             assert_same(torch.from_numpy(np.asarray(stored.features)), ref.vision_model(pixel_values=x).pooler_output,
                         f"classify features {name}")
-            img = F.normalize(ref.get_image_features(pixel_values=x), dim=-1).double()
-        sim = img @ class_emb.T
-        k = min(3, len(patches))
-        scores = sim.topk(k, dim=0).values.mean(0)
-        probs = torch.softmax(scale * scores, dim=0)
+            img = ref.get_image_features(pixel_values=x)
+        scores, probs = slide_probabilities(img, class_emb, k=3, logit_scale=float(ref.logit_scale.detach()))
         row = rows[name]
-        assert row["status"] == "ok" and int(row["k"]) == k
+        assert row["status"] == "ok" and int(row["k"]) == min(3, len(x))
         assert row["predicted"] == list(classes)[int(scores.argmax())]
-        got_scores = [float(row[f"score_{c}"]) for c in classes]
-        got_probs = [float(row[f"prob_{c}"]) for c in classes]
-        print(f"classify {name}: scores max abs diff {np.abs(np.subtract(got_scores, scores.numpy())).max():.1e}, "
-              f"probs {np.abs(np.subtract(got_probs, probs.numpy())).max():.1e}")
-        np.testing.assert_allclose(got_scores, scores.numpy(), atol=1e-5)
-        np.testing.assert_allclose(got_probs, probs.numpy(), atol=1e-4)
+        np.testing.assert_allclose([float(row[f"score_{c}"]) for c in classes], scores, atol=1e-5)
+        np.testing.assert_allclose([float(row[f"prob_{c}"]) for c in classes], probs, atol=1e-4)

@@ -12,8 +12,8 @@ from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.model import ConVLM, create_model, list_models, list_schemas, register_model
 from wsi_pipeline.model import registry as registry_mod
 from wsi_pipeline.model.adapter import new_adapter
-from wsi_pipeline.model.registry import weights_defined
 from wsi_pipeline.model.config import config_dir, get_config, list_configs, validate_config
+from wsi_pipeline.model.registry import weights_defined
 
 CARDS = Path(__file__).resolve().parents[1] / "models"
 RUN_FULLY_BELOW = 25_000_000  # parameters; bigger models are checked on the meta device only
@@ -35,8 +35,30 @@ def test_registered_models_json_configs_and_cards_agree():
             assert needle in text, f"models/{name}.md lacks {needle!r}"
 
 
-def _config_models() -> list[str]:
-    return list_configs()
+@pytest.fixture(scope="module")
+def weights_for(tmp_path_factory):
+    """``name -> weights`` for models defined by their weights (a tiny folder per family), else ``None``."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path | None:
+        if not weights_defined(registry_mod._MODELS[name]):
+            return None
+        if name not in made:
+            factory = WEIGHTS_FACTORIES[name]  # a new weights-defined model needs a tiny factory here
+            made[name] = factory(tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return get
+
+
+def _tiny_hf_clip(folder: Path) -> Path:
+    from hf_factory import TINY_TEXT, TINY_VISION, clip_tokenizer, make_clip_folder
+
+    make_clip_folder(folder, clip_tokenizer(folder / "bpe"), TINY_VISION, TINY_TEXT, "gelu", seed=0)
+    return folder
+
+
+WEIGHTS_FACTORIES = {"hf_clip": _tiny_hf_clip}
 
 
 def _meta_inputs(model: ConVLM) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,17 +66,19 @@ def _meta_inputs(model: ConVLM) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.empty(model.proj_dim, device="meta")
 
 
-@pytest.mark.parametrize("name", _config_models())
-def test_contract_shapes_on_meta(name):
-    cfg = get_config(name)
-    model = create_model(name, device="meta")
+@pytest.mark.parametrize("name", list_models())
+def test_contract_shapes_on_meta(name, weights_for):
+    model = create_model(name, weights=weights_for(name), device="meta")
     assert isinstance(model, ConVLM) and model.name == name and not model.training
-    v, r, p = cfg["vision_cfg"], cfg["refine"], cfg["preprocess"]
-    assert model.width == v["width"] and model.proj_dim == cfg["embed_dim"]
-    assert model.input_size == p["input_size"] and model.input_size % model.patch_size == 0
+    if name in list_configs():
+        cfg = get_config(name)
+        v, r, p = cfg["vision_cfg"], cfg["refine"], cfg["preprocess"]
+        assert model.width == v["width"] and model.proj_dim == cfg["embed_dim"]
+        assert model.input_size == p["input_size"] and model.context_alpha == r["alpha"] == 0.1
+        assert model.prune_layers == tuple(r["layers"])
+    assert model.input_size % model.patch_size == 0
     assert len(model.mean) == len(model.std) == 3 and all(s > 0 for s in model.std)
-    assert model.keep_rate == r["keep_rate"] == 0.7 and model.context_alpha == 0.1
-    assert model.prune_layers == tuple(r["layers"]) and all(0 < i < model.depth for i in model.prune_layers)
+    assert model.keep_rate == 0.7 and all(0 < i < model.depth for i in model.prune_layers)
     assert model.weights_sha256 is None and model.adapter_sha256 is None
     assert isinstance(model.logit_scale, torch.nn.Parameter) and model.logit_scale.shape == ()
     assert model.projection_matrix().shape == (model.embed_dim, model.proj_dim)
@@ -70,14 +94,16 @@ def test_contract_shapes_on_meta(name):
     assert model.encode_text(tokens.to("meta")).shape == (1, model.proj_dim)
 
 
-@pytest.mark.parametrize("name", _config_models())
-def test_small_models_run_fully(name):
-    n_params = sum(p.numel() for p in create_model(name, device="meta").parameters())
+@pytest.mark.parametrize("name", list_models())
+def test_small_models_run_fully(name, weights_for):
+    weights = weights_for(name)
+    n_params = sum(p.numel() for p in create_model(name, weights=weights, device="meta").parameters())
     if n_params > RUN_FULLY_BELOW:
         pytest.skip(f"{name} has {n_params / 1e6:.0f}M parameters; checked on meta only")
     torch.manual_seed(0)
-    model = create_model(name)
-    assert math.isclose(float(model.logit_scale.detach()), math.log(1 / 0.07), rel_tol=1e-6)
+    model = create_model(name, weights=weights)
+    if weights is None:
+        assert math.isclose(float(model.logit_scale.detach()), math.log(1 / 0.07), rel_tol=1e-6)
     x = torch.randn(2, 3, model.input_size, model.input_size)
     with torch.no_grad():
         feats = model.encode_image(x)

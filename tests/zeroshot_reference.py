@@ -41,10 +41,10 @@ def slide_probabilities(patch_emb: torch.Tensor, class_emb: torch.Tensor, k: int
     return scores.numpy(), probs.numpy()
 
 
-def normalized_pixels(rgb: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 → ``(1, 3, H, W)`` float32 normalised with OpenAI CLIP's mean and std."""
+def normalized_pixels(rgb: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 → ``(1, 3, H, W)`` float32 normalised (default: OpenAI CLIP's mean and std)."""
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255.0)
-    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     return ((x - mean) / std).unsqueeze(0)
 
 
