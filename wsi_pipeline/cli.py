@@ -406,6 +406,36 @@ def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out
     ctx.exit(1 if summary.n_failed else 0)
 
 
+def _exporter_names() -> list[str]:
+    from .export import exporter_names
+
+    return exporter_names()
+
+
+@main.command(name="export")
+@click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--to", "to", required=True, type=click.Choice(_exporter_names()), help="Layout to write.")
+@click.option("-o", "--out", "dest", required=True, type=click.Path(file_okay=False), help="Destination folder.")
+@click.option("--model-id", default=None, help="Features to export when OUT_DIR/features holds several models.")
+@verbosity_options
+@click.pass_context
+def export(ctx: click.Context, out_dir: str, to: str, dest: str, model_id: str | None, verbose: int,
+           quiet: bool) -> None:
+    """Write OUT_DIR's coords (and features) in the layout CLAM or TRIDENT reads."""
+    from .errors import WsiPipelineError
+    from .export import export_outputs
+
+    _verbosity(ctx, verbose, quiet)
+    try:
+        summary = export_outputs(out_dir, to, dest, model_id=model_id)
+    except WsiPipelineError as e:
+        _die(str(e))
+    if summary.notice:
+        click.echo(f"note: {summary.notice}")
+    click.echo(summary.line)
+    ctx.exit(1 if summary.count("failed") else 0)
+
+
 @main.command()
 @click.option("--data", required=True, help="ROI patches: one folder per class (ImageFolder) or a CSV path,label.")
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False, exists=True),
