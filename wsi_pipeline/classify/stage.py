@@ -8,8 +8,9 @@ whose coords are missing or stale (ROI images with :func:`.inputs.roi_tiling_con
 ``embed`` the slides whose features are missing or stale → build the text classifier(s) →
 score every slide with :func:`~.pooling.score_slide_sets` (features read from disk in a
 background thread while the previous slide is scored) → write predictions CSV/JSON,
-``metrics.json``, heatmaps, montages and ``report.html``. A slide that fails in any stage
-is a ``failed`` row with the stage and reason; the batch goes on.
+``metrics.json``, the per-patch scores for QuPath (``scores/<prompts>/<slide>.geojson``, see
+:mod:`.qupath`; also with ``visuals=False``), heatmaps, montages and ``report.html``. A slide
+that fails in any stage is a ``failed`` row with the stage and reason; the batch goes on.
 """
 
 from __future__ import annotations
@@ -193,9 +194,7 @@ def classify_slides(
     n_scorable = sum(s not in failed for s in slide_ids)
     if n_scorable and model is not None:
         classifiers = _load_classifiers(model, embed, prompts, out, prompt_sets, seed)
-    on_scored = None
-    if visuals:
-        on_scored = _visuals_callback(out, prompts.name, embed.slides_dir)
+    on_scored = _on_scored_callback(out, prompts.name, embed.slides_dir, visuals)
     rows, set_preds, score_timings = score_features(
         out / "features", model_id, slide_ids, model, classifiers, prompts.class_names, ks,
         store=embed.store, failed=failed, on_scored=on_scored, progress=progress, status_dir=out,
@@ -288,11 +287,19 @@ def _load_classifiers(model: Any, embed: EmbedConfig, prompts: PromptSet, out: P
     return classifiers
 
 
-def _visuals_callback(out: Path, prompts_name: str, slides_dir: str | None) -> OnScored:
+def _on_scored_callback(out: Path, prompts_name: str, slides_dir: str | None, visuals: bool) -> OnScored:
+    """Per scored slide: the QuPath tile layer of patch scores (always), then the visuals (when asked)."""
     from ..embed.runner import resolve_slide_path
+    from .qupath import write_scores_geojson
     from .visuals import write_slide_visuals
 
     def on_scored(sid: str, scores: SlideScores, sf: SlideFeatures) -> dict[str, Any]:
+        try:
+            write_scores_geojson(out, prompts_name, sid, scores, sf)
+        except (OSError, ValueError, KeyError, WsiPipelineError) as e:
+            _logger.warning("%s: patch scores GeoJSON not written (%s: %s)", sid, type(e).__name__, _one_line(e))
+        if not visuals:
+            return {}
         try:
             slide_path: str | None = resolve_slide_path(dict(sf.coords_attrs), slides_dir)
         except SlideError as e:

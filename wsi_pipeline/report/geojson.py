@@ -38,17 +38,26 @@ def polygons_to_geojson(polygons: Iterable[Any], properties: Mapping[str, Any] |
         }
         props.update(properties or {})
         features.append({"type": "Feature", "geometry": mapping(poly), "properties": props})
+    return feature_collection(features, provenance)
+
+
+def feature_collection(features: list[dict[str, Any]], provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A FeatureCollection of ``features``, with ``provenance`` in the ``wsi_pipeline`` member."""
     doc: dict[str, Any] = {"type": "FeatureCollection", "features": features}
     if provenance is not None:
         doc[PROVENANCE_KEY] = dict(provenance)
     return doc
 
 
+def write_feature_collection(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
+    """Write a GeoJSON document atomically (temp file + rename)."""
+    atomic_write_text(path, json.dumps(doc, separators=(",", ":"), default=_json_default))
+
+
 def write_geojson(path: str | os.PathLike[str], polygons: Iterable[Any],
                   properties: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None) -> None:
     """Write the polygons atomically (temp file + rename)."""
-    doc = polygons_to_geojson(polygons, properties, provenance)
-    atomic_write_text(path, json.dumps(doc, separators=(",", ":"), default=_json_default))
+    write_feature_collection(path, polygons_to_geojson(polygons, properties, provenance))
 
 
 def read_geojson(path: str | os.PathLike[str]) -> list[Any]:
@@ -71,4 +80,4 @@ def _json_default(v: Any) -> Any:
     raise TypeError(f"cannot serialise {type(v).__name__}")
 
 
-__all__ = ["polygons_to_geojson", "read_geojson", "write_geojson"]
+__all__ = ["feature_collection", "polygons_to_geojson", "read_geojson", "write_feature_collection", "write_geojson"]
