@@ -269,3 +269,27 @@ def test_classify_uses_its_prompts_as_the_adapters_context(tiled, trained, tmp_p
     assert sf.attrs["context_source"] == str(PROMPTS) and sf.attrs["adapter_sha256"] != "none"
     pred = json.loads((out / "predictions" / "demo.json").read_text())
     assert pred["slides"][0]["provenance"]["adapter_sha256"] == sf.attrs["adapter_sha256"]
+
+
+def test_training_feeds_the_prompt_files_context_sentence(rois, tmp_path, monkeypatch):
+    """With a ``context:`` sentence, "agnostic" training feeds its embedding, as the embed stage does."""
+    import yaml
+
+    from wsi_pipeline.train import loop
+
+    prompts = yaml.safe_load(TRAIN_PROMPTS.read_text(encoding="utf-8"))
+    prompts["context"] = "an H&E section of a tumour, to be classified by its growth pattern"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(prompts), encoding="utf-8")
+    seen: list[torch.Tensor] = []
+    real = loop.convlm_loss
+
+    def spy(model, *args, context=None, **kw):
+        seen.append(context.detach().clone())
+        return real(model, *args, context=context, **kw)
+
+    monkeypatch.setattr(loop, "convlm_loss", spy)
+    weights = _base(tmp_path, "conch_test")
+    res = train_model(_adapter_cfg(rois, path, tmp_path / "run", weights, epochs=1, steps_per_epoch=2))
+    expected = res.model.encode_prompts([prompts["context"]])[0]
+    assert len(seen) == 2 and all(torch.allclose(c, expected, atol=1e-6) for c in seen)

@@ -225,6 +225,9 @@ def _fit(model: Any, images: torch.Tensor, labels: torch.Tensor, train_idx: torc
     has_ctx = bool(model._context_mlps())
     if not has_ctx and cfg.context_mode != "none":
         _logger.info("%s has no context MLPs; training without context", model.name)
+    # a prompt file with a context sentence: "agnostic" feeds its embedding, as the embed stage does
+    context_text = prompts.context if cfg.context_mode == "agnostic" and prompts.context else None
+    fixed_ctx = model.encode_prompts([context_text])[0] if context_text and not text_trains else None
     steps = cfg.steps_per_epoch or math.ceil(len(train_idx) / cfg.batch_size)
     total, step = steps * cfg.epochs, 0
     train_labels = labels[train_idx]
@@ -247,7 +250,10 @@ def _fit(model: Any, images: torch.Tensor, labels: torch.Tensor, train_idx: torc
                 with torch.set_grad_enabled(text_trains):
                     prompt_emb = model.encode_text(sampler.sample(cfg.prompts_per_class), normalize=True)
             class_emb = class_embeddings(prompt_emb, len(prompts.class_names))
-            ctx = ctx_of(class_emb, y, ctx_gen) if has_ctx else None
+            if has_ctx and context_text is not None:  # the prompt file's context sentence, as inference uses it
+                ctx = fixed_ctx if fixed_ctx is not None else model.encode_prompts([context_text])[0]
+            else:
+                ctx = ctx_of(class_emb, y, ctx_gen) if has_ctx else None
             out = convlm_loss(model, x, y, class_emb, weights, context=ctx, heads=heads,
                               prompt_emb=prompt_emb if text_trains and cfg.prompts_per_class >= 2 else None)
             optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,9 @@
 * **Context** ``c`` fed to the guided blocks comes from a registered *context mode*
   (:data:`CONTEXT_MODES`). The paper feeds the true class's text embedding while training,
   which leaks the label and never happens at inference; the default ``agnostic`` mode
-  feeds what inference feeds (the normalised mean of the class embeddings).
+  feeds what inference feeds (the normalised mean of the class embeddings, or the
+  embedding of the prompt file's ``context`` sentence when it has one; the latter is
+  applied by the training loop).
 * ``g_b(c)`` are the context-MLP outputs of the guided blocks (their L1 target ``f`` is the final
   CLS token, which is the feature itself except for attention-pooled backbones) and ``h_b`` small linear
   heads (training only, :class:`ClsRegressionHeads`) that regress the pre-mixing CLS query of
