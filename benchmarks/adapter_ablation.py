@@ -144,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                 for imgs, labs in tests.values()]
         print(f"{label:<52}" + "".join(f"{a:>24.3f}" for a in accs))
     print("* leaks the label (the paper's training-time input); an upper bound, not a usable setting")
+    for name, (imgs, _) in tests.items():
+        with torch.inference_mode():
+            x = normalize(imgs, adapted.mean, adapted.std, torch.float32)
+            plain = adapted.project(adapted.encode_image(x, keep_rate=keep))
+            guided = adapted.project(adapted.encode_image(x, context=context, keep_rate=keep))
+        change = 1.0 - (plain * guided).sum(-1)
+        print(f"adapter's effect on the projected embeddings, {name}: 1 - cos median {change.median():.2e}, "
+              f"max {change.max():.2e}")
     print(f"chance: {1 / len(eval_prompts.class_names):.3f}; total {time.perf_counter() - t0:.0f} s "
           f"(data {t_data:.0f} s); work folder {work}")
     return 0
