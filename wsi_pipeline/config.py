@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,16 +46,31 @@ class SegmentationParams:
     - ``threshold="otsu"``: the saturation threshold adapts to stain intensity (Otsu on
       log(1 + S), see :mod:`wsi_pipeline.tiling.tissue`); it never goes below
       ``otsu_floor`` = 8 (CLAM's fixed default), so that on a blank slide Otsu cannot split
-      JPEG noise into "tissue".
+      JPEG noise into "tissue". Relative to the glass, glass sits at 0, and on the demo and
+      hard test slides Otsu lands below the floor: 8 (an OD spread of 0.03) decides there.
     - ``median_size=7`` px (≈ 56 µm at 8 µm/px): removes dust and JPEG speckle (CLAM, wsinfer).
     - ``close_size=5`` px (≈ 40 µm): bridges thin gaps inside one fragment (CLAM uses 4).
     - ``min_tissue_area=40000`` µm² (a 200 µm square, as in wsinfer): smaller specks are
       debris, and hold fewer than three 128 µm patches anyway.
     - ``min_hole_area=16000`` µm² (≈ one 20×/256 px patch, 128 µm square): smaller holes
       cannot empty a patch, so they are filled (glands and vessels larger than that stay).
-    - ``black_value=40`` / ``grey_spread=12``: pixels darker than V=40 (scanner borders,
-      black ink) or with max−min ≤ 12 (grey shadows, debris, slide edges) are never
-      tissue: dark pixels have a high HSV saturation from noise alone.
+    - ``black_value=40`` / ``grey_spread=8``: pixels darker than V=40 (scanner borders,
+      black ink) or with max−min ≤ 8 (grey shadows, debris, slide edges) are never
+      tissue: dark pixels have a high HSV saturation from noise alone. Both apply to the
+      picture white-balanced to the glass, where glass has max−min ≤ 6 (99.9th percentile
+      at 8 µm/px on the demo slides and the hard test slides; 10 in the dimmed corners of
+      the fall-off one); 12, the value before white balancing, had to absorb the glass's
+      own tint and drops a tenth of the pixels of 60 %-faded eosin.
+    - ``background="auto"``: the glass colour is estimated per slide (median colour of the
+      brightest 2 % of the pixels, see :func:`wsi_pipeline.tiling.tissue.estimate_glass`)
+      and saturation is measured relative to it, so tinted glass and a neutral
+      illumination fall-off are not tissue.
+      ``"white"`` assumes white glass (the plain saturation of earlier versions);
+      ``"#rrggbb"`` (quoted in YAML) fixes the glass colour, e.g. per slide in a
+      ``--slide-params`` CSV when a slide has no glass to estimate it from.
+    - ``reject_ink=True``: green, cyan and blue marker ink (hue 75°–225°, which H&E never
+      is) and black ink (dark and nearly neutral) are not tissue. Set it to false for
+      stains other than H&E whose colours fall in that band.
     """
 
     threshold: str | int = "otsu"
@@ -64,9 +80,14 @@ class SegmentationParams:
     min_tissue_area: float = 40_000.0
     min_hole_area: float = 16_000.0
     black_value: int = 40
-    grey_spread: int = 12
+    grey_spread: int = 8
+    background: str = "auto"
+    reject_ink: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "background", _check_background(self.background))
+        if not isinstance(self.reject_ink, bool):
+            raise ConfigError(f"reject_ink must be true or false, got {self.reject_ink!r}")
         t = self.threshold
         if isinstance(t, str):
             if t.strip().lower() == "otsu":
@@ -118,7 +139,9 @@ class TilingConfig:
     min_tissue_area: float = 40_000.0
     min_hole_area: float = 16_000.0
     black_value: int = 40
-    grey_spread: int = 12
+    grey_spread: int = 8
+    background: str = "auto"
+    reject_ink: bool = True
     backend: str = "auto"
     mpp_csv: str | None = None
     default_mpp: float | None = None
@@ -145,6 +168,7 @@ class TilingConfig:
             raise ConfigError(f"pad_small_images must be true or false, got {self.pad_small_images!r}")
         seg = self.segmentation  # validates the segmentation fields
         object.__setattr__(self, "threshold", seg.threshold)
+        object.__setattr__(self, "background", seg.background)
         for name in _FLOAT_FIELDS:  # 40000 and 40000.0 are the same setting
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
@@ -247,7 +271,7 @@ def load_mpp_csv(path: str | os.PathLike[str]) -> dict[str, float]:
 #: Settings a ``--slide-params`` CSV may change per slide: segmentation and the tissue rule.
 #: (Patch geometry stays the same for the whole cohort, so features stay comparable.)
 PER_SLIDE_OPTIONS = ("min_tissue", "seg_level_mpp", "threshold", "otsu_floor", "median_size", "close_size",
-                     "min_tissue_area", "min_hole_area", "black_value", "grey_spread")
+                     "min_tissue_area", "min_hole_area", "black_value", "grey_spread", "background", "reject_ink")
 
 
 def load_slide_params(path: str | os.PathLike[str], base: TilingConfig) -> dict[str, dict[str, Any]]:
@@ -271,8 +295,11 @@ def load_slide_params(path: str | os.PathLike[str], base: TilingConfig) -> dict[
         for name, text in row.items():
             if not text:
                 continue
-            if name == "threshold":  # 'otsu' or 0..255, checked by SegmentationParams
+            if name in ("threshold", "background"):  # text, checked by SegmentationParams
                 values[name] = text
+                continue
+            if name == "reject_ink":
+                values[name] = _BOOLS.get(text.strip().lower(), text)  # anything else fails the check below
                 continue
             try:
                 values[name] = int(text) if types[name] is int else float(text)
@@ -285,6 +312,17 @@ def load_slide_params(path: str | os.PathLike[str], base: TilingConfig) -> dict[
         out[key] = values
     _logger.debug("read per-slide settings of %d slides from %s", len(out), p)
     return out
+
+
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _check_background(v: Any) -> str:
+    """``auto``, ``white`` or ``#rrggbb`` (normalised to lower case); :class:`ConfigError` otherwise."""
+    text = v.strip().lower() if isinstance(v, str) else ""
+    if text in ("auto", "white") or re.fullmatch(r"#[0-9a-f]{6}", text):
+        return text
+    raise ConfigError(f"background must be auto, white or a '#rrggbb' colour (quoted in YAML), got {v!r}")
 
 
 def _number(v: Any) -> bool:
