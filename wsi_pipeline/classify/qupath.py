@@ -1,6 +1,8 @@
 """Per-patch class scores as a QuPath tile layer: ``scores/<prompts>/<slide_id>.geojson``.
 
-One GeoJSON Feature per scored patch, in the order of the features file:
+One GeoJSON Feature per scored patch, in the order of the features file (patches that could
+not be read were left out by ``embed`` and have no tile; their number is the provenance's
+``n_failed_patches``):
 
 * ``geometry``: the patch square as a Polygon in level-0 pixels (x right, y down), from the
   patch's ``coords`` row and ``patch_size_level0``;
@@ -73,7 +75,8 @@ def write_scores_geojson(out_dir: str | os.PathLike[str], prompts_name: str, sli
                           scores.class_names, scores.logit_scale)
     provenance = {**slide_provenance(features.coords_attrs), **model_provenance(features.attrs),
                   "prompts": prompts_name, "output": "per-patch class scores", "logit_scale": scores.logit_scale,
-                  "measurements": "<class> score: cosine similarity; <class> prob: softmax(logit_scale * scores)"}
+                  "measurements": "<class> score: cosine similarity; <class> prob: softmax(logit_scale * scores)",
+                  "n_failed_patches": features.n_left_out}
     path = scores_path(out_dir, prompts_name, slide_id)
     write_feature_collection(path, feature_collection(tiles, provenance))
     return path

@@ -1,5 +1,10 @@
 """Scoring stored features: read each slide's feature file, score it, one row per slide.
 
+Only the stored features are scored: patches that could not be read were left out by
+``embed`` (listed in ``failed_coords``, counted in each row's ``provenance.n_failed_patches``),
+so they never take part in top-K pooling; an older feature file that still holds white
+substitutes for them is refused.
+
 Reading runs in a background thread one slide ahead of scoring, so the disk read of slide
 ``i + 1`` overlaps the projection and similarity of slide ``i`` (torch releases the GIL in
 its matrix products). Used by :func:`~.stage.classify_slides` and by the benchmark.
@@ -14,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import ConfigError, WsiPipelineError
+from ..errors import ConfigError, CorruptOutputError, WsiPipelineError
 from ..progress import NullProgress, Progress
 from ..store.features import SlideFeatures, get_store
 from ..store.provenance import model_provenance, slide_provenance
@@ -77,9 +82,11 @@ def score_features(
                     raise loaded
                 if model is None:
                     raise ConfigError("no model given to score the features with")
+                check_no_blank_patches(loaded)
                 scored = score_slide_sets(loaded.features, loaded.attrs, model, classifiers, class_names, ks)
                 row = SlidePrediction.from_scores(sid, scored[0])
-                row.provenance = {**slide_provenance(loaded.coords_attrs), **model_provenance(loaded.attrs)}
+                row.provenance = {**slide_provenance(loaded.coords_attrs), **model_provenance(loaded.attrs),
+                                  "n_failed_patches": loaded.n_left_out}
                 set_preds[sid] = [s.prediction for s in scored[1:]]
                 timings["score"] += time.perf_counter() - t0
                 if on_scored is not None and scored[0].status == "ok":
@@ -105,6 +112,14 @@ def score_features(
         progress.close()
     timings["scoring_total"] = time.perf_counter() - t_all
     return [results[s] for s in slide_ids], set_preds, timings
+
+
+def check_no_blank_patches(sf: SlideFeatures) -> None:
+    """Refuse a schema-1 feature file that holds white substitutes of unreadable patches: they
+    would take part in top-K pooling. Re-running embed leaves them out."""
+    if sf.n_blank_substituted:
+        raise CorruptOutputError(f"features hold {sf.n_blank_substituted} white substitutes of unreadable patches "
+                                 "(written by an older wsi-pipeline); re-run embed to leave them out")
 
 
 def _prefetched(ids: Sequence[str], read: Callable[[str], SlideFeatures]) -> Iterator[tuple[str, Any, float, float]]:
@@ -141,4 +156,4 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-__all__ = ["OnScored", "score_features"]
+__all__ = ["OnScored", "check_no_blank_patches", "score_features"]

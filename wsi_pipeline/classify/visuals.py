@@ -3,6 +3,7 @@
 Layout inside the output folder (all links in ``report.html`` are relative to it)::
 
     heatmaps/<prompts>/<slide>/<class>.png     similarity of every patch to the class
+                                               (unreadable patches hatched grey: missing)
     montages/<prompts>/<slide>.png             top-K patches of the predicted class
     report.html
 
@@ -81,11 +82,14 @@ def write_slide_visuals(
                   "prompts": prompts_name, "k": scores.k_used(scores.primary_k)}
     rel_dir = Path(HEATMAP_DIR) / safe_name(prompts_name) / safe_name(slide_id)
     images = slide_heatmaps(_load_thumbnail(out, slide_id), scores.similarity, features.coords,
-                            features.coords_attrs, names, slide_id=slide_id)
+                            features.coords_attrs, names, slide_id=slide_id, missing_coords=features.failed_coords)
+    heat_prov = {**provenance, "output": "cosine-similarity heatmap"}
+    if features.n_left_out:
+        heat_prov["missing"] = f"{features.n_left_out} unreadable patches, not scored: hatched grey"
     heatmaps = {}
     for c, img in images.items():
         rel = rel_dir / f"{stems[c]}.png"
-        write_png(out / rel, img, {**provenance, "output": "cosine-similarity heatmap", "class": c})
+        write_png(out / rel, img, {**heat_prov, "class": c})
         heatmaps[c] = rel.as_posix()
     montage = None
     if scores.prediction is not None and slide_path:

@@ -1,9 +1,10 @@
 """A torch Dataset over the read regions of one slide.
 
-Each item is one region: the patches cut from it, already resized to the model input
-(uint8, so that host→device copies are 4× smaller than float), their indices into the
-coords array and which of them were unreadable. Normalisation (mean/std) happens on the
-device. The :class:`~wsi_pipeline.slide.Slide` reopens its handle in each worker process,
+Each item is one region: the patches cut from it that could be read, already resized to the
+model input (uint8, so that host→device copies are 4× smaller than float), their indices
+into the coords array, and the indices of the patches that could not be read (left out:
+they are never resized nor embedded). Normalisation (mean/std) happens on the device. The
+:class:`~wsi_pipeline.slide.Slide` reopens its handle in each worker process,
 so the dataset works with fork and spawn start methods alike.
 """
 
@@ -39,7 +40,11 @@ def normalize(batch_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float,
 
 
 class RegionDataset(Dataset):
-    """Items: ``(indices (k,), patches uint8 (k, 3, S, S), failed bool (k,))`` per region."""
+    """Items per region: ``(indices (j,), patches uint8 (j, 3, S, S), failed_indices (m,))``.
+
+    ``indices`` and ``patches`` are the region's readable patches, ``failed_indices`` its
+    unreadable ones (indices into the coords array, int64; ``j + m`` = the region's patches).
+    """
 
     def __init__(self, slide: Slide, coords: np.ndarray, plan: ReadPlan, input_size: int) -> None:
         self.slide = slide
@@ -53,11 +58,14 @@ class RegionDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         region = self.plan.regions[i]
         patches, failed = read_region_patches(self.slide, self.plan, region, self.coords)
-        return (
-            torch.from_numpy(region.indices.copy()),
-            resize_patches(patches, self.input_size),
-            torch.from_numpy(failed),
-        )
+        read = ~failed
+        if read.all():
+            resized = resize_patches(patches, self.input_size)
+        elif read.any():
+            resized = resize_patches(patches[read], self.input_size)
+        else:
+            resized = torch.zeros((0, 3, self.input_size, self.input_size), dtype=torch.uint8)
+        return torch.from_numpy(region.indices[read]), resized, torch.from_numpy(region.indices[failed])
 
 
 def make_loader(

@@ -25,10 +25,6 @@ from ..slide import Slide
 
 _logger = logging.getLogger(__name__)
 
-#: Background value for patches that could not be read (white glass).
-BLANK_VALUE = 255
-
-
 @dataclass(frozen=True)
 class Region:
     """One read: ``origin``/``size`` at the read level, and the patches cut from it."""
@@ -111,11 +107,12 @@ def read_region_patches(
     """Patches (k, p, p, 3) uint8 of one region, and a (k,) bool mask of failed patches.
 
     The region is read once; if that fails (after the slide's own reopen-once), each
-    patch is read on its own and those that still fail become blank patches.
+    patch is read on its own and those that still fail are marked failed. A failed patch's
+    rows are zeros, a placeholder only: callers leave failed patches out (never embed them).
     """
     p = plan.patch_px
     k = len(region.indices)
-    out = np.full((k, p, p, 3), BLANK_VALUE, dtype=np.uint8)
+    out = np.zeros((k, p, p, 3), dtype=np.uint8)
     failed = np.zeros(k, dtype=bool)
     try:
         pixels = slide.read_region(region_level0_origin(region, plan.downsample), plan.level, region.size)
@@ -130,5 +127,5 @@ def read_region_patches(
             out[j] = slide.read_region((int(x), int(y)), plan.level, (p, p))
         except SlideReadError as e:
             failed[j] = True
-            _logger.warning("blank patch substituted at (%d, %d): %s", x, y, e)
+            _logger.warning("patch at (%d, %d) unreadable, left out: %s", x, y, e)
     return out, failed

@@ -3,9 +3,13 @@
 The model is loaded once per process. For each slide the coords are grouped into read
 regions (see :mod:`.regions`), a DataLoader reads and resizes them in worker processes,
 and the main process normalises on the device and runs the encoder in
-``torch.inference_mode`` with autocast for fp16/bf16. A slide is skipped only when its
-feature file validates (complete, same model id, same coords), or while another live run
-holds its lock (``out/locks/embed/<model_id>/<slide_id>.lock``). :class:`SlideEmbedder`
+``torch.inference_mode`` with autocast for fp16/bf16. A patch whose pixels cannot be read
+(its tile does not decode) is left out: it is never embedded, its corner goes to the feature
+file's ``failed_coords`` and is counted in ``n_failed_patches``; above ``max_failed_fraction``
+of a slide's patches (or all of them) the slide fails. A slide is skipped only when its
+feature file validates (complete, same model id, ``coords`` + ``failed_coords`` = the coords
+file's coords; see :meth:`~wsi_pipeline.store.features.FeatureStore.validate`), or while another
+live run holds its lock (``out/locks/embed/<model_id>/<slide_id>.lock``). :class:`SlideEmbedder`
 is the per-slide work that an executor (``local`` or ``ray``) maps over the slides.
 """
 
@@ -239,6 +243,19 @@ class Encoder:
         return out
 
 
+@dataclass(frozen=True)
+class SlideEmbedding:
+    """What :func:`embed_coords` made of one slide's coords."""
+
+    features: np.ndarray  # (n_read, D) float32: the patches that were read, in coords order
+    failed: np.ndarray  # (N,) bool over the coords: True where the patch could not be read
+    wait_seconds: float  # time the encoder waited for the DataLoader
+
+    @property
+    def n_failed(self) -> int:
+        return int(self.failed.sum())
+
+
 def embed_coords(
     slide_path: str,
     coords: np.ndarray,
@@ -246,13 +263,14 @@ def embed_coords(
     encoder: Encoder,
     cfg: EmbedConfig,
     progress: Progress,
-) -> tuple[np.ndarray, int, float]:
-    """Features (N, D) of one slide, the number of blank-substituted patches and the data-wait seconds."""
+) -> SlideEmbedding:
+    """Embed the readable patches of one slide; patches that cannot be read are left out, never embedded."""
     n = len(coords)
     dim = int(encoder.model.embed_dim)
     feats = np.zeros((n, dim), dtype=np.float32)
+    failed = np.zeros(n, dtype=bool)
     if n == 0:
-        return feats, 0, 0.0
+        return SlideEmbedding(feats, failed, 0.0)
     slide = open_slide(slide_path, backend=str(coords_attrs.get("backend", "auto")))
     with slide:
         w0, h0 = slide.info.dimensions
@@ -266,7 +284,7 @@ def embed_coords(
         loader = make_loader(
             dataset, workers=cfg.workers, pin_memory=encoder.device.type == "cuda", mp_context=cfg.mp_context
         )
-        n_failed, wait = 0, 0.0
+        wait = 0.0
         pending_idx: list[torch.Tensor] = []
         pending_x: list[torch.Tensor] = []
         n_pending = 0
@@ -283,9 +301,11 @@ def embed_coords(
             n_pending = len(idx) - upto
 
         t_wait = time.perf_counter()
-        for indices, patches, failed in loader:
+        for indices, patches, failed_indices in loader:
             wait += time.perf_counter() - t_wait
-            n_failed += int(failed.sum())
+            if len(failed_indices):
+                failed[failed_indices.numpy()] = True
+                progress.advance(len(failed_indices))
             pending_idx.append(indices)
             pending_x.append(patches)
             n_pending += len(indices)
@@ -294,7 +314,7 @@ def embed_coords(
             t_wait = time.perf_counter()
         if n_pending:
             flush(n_pending)
-    return feats, n_failed, wait
+    return SlideEmbedding(feats[~failed] if failed.any() else feats, failed, wait)
 
 
 class SlideEmbedder:
@@ -385,17 +405,28 @@ class SlideEmbedder:
         cfg, slide_id = self.cfg, result.slide_id
         progress.start_slide(slide_id, len(coords))
         slide_path = resolve_slide_path(cattrs, cfg.slides_dir)
-        feats, n_failed, wait = embed_coords(slide_path, coords, cattrs, self.encoder, cfg, progress)
-        result.data_wait_seconds = wait
-        result.n_failed_patches = n_failed
-        if len(coords) and n_failed > cfg.max_failed_fraction * len(coords):
-            raise TooManyFailedPatchesError(
-                f"{n_failed} of {len(coords)} patches unreadable "
-                f"(> {cfg.max_failed_fraction:.0%}); the slide file is damaged"
-            )
-        attrs = dict(self.base_attrs, n_failed_patches=n_failed, slide_id=slide_id, slide_path=slide_path)
-        result.path = str(self.store.write(self.features_dir, self.model_id, slide_id, feats, coords, attrs, cattrs))
+        emb = embed_coords(slide_path, coords, cattrs, self.encoder, cfg, progress)
+        result.data_wait_seconds = emb.wait_seconds
+        result.n_failed_patches = emb.n_failed
+        check_failed_patches(emb.n_failed, len(coords), cfg.max_failed_fraction)
+        attrs = dict(self.base_attrs, n_failed_patches=emb.n_failed, slide_id=slide_id, slide_path=slide_path)
+        result.path = str(self.store.write(self.features_dir, self.model_id, slide_id, emb.features,
+                                           coords[~emb.failed], attrs, cattrs, failed_coords=coords[emb.failed]))
         result.status = "ok"
+        if emb.n_failed:
+            result.reason = f"{emb.n_failed} of {len(coords)} patches unreadable, left out"
+            _logger.warning("%s: %s (tolerated up to %.0f%%)", slide_id, result.reason, 100 * cfg.max_failed_fraction)
+
+
+def check_failed_patches(n_failed: int, n_patches: int, max_fraction: float) -> None:
+    """Raise :class:`TooManyFailedPatchesError` when more than ``max_fraction`` (or all) of a
+    slide's patches could not be read; the others are left out of its features."""
+    if n_patches and n_failed == n_patches:
+        raise TooManyFailedPatchesError(f"all {n_patches} patches unreadable; the slide file is damaged")
+    if n_patches and n_failed > max_fraction * n_patches:
+        raise TooManyFailedPatchesError(
+            f"{n_failed} of {n_patches} patches unreadable (> {max_fraction:.0%}); the slide file is damaged"
+        )
 
 
 def _worker_died(out_dir: str, coords_path: str, reason: str) -> EmbedResult:

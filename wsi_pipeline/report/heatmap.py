@@ -3,7 +3,11 @@
 Every patch paints its value over its own footprint on the thumbnail grid (overlapping
 patches average), mapped through a viridis-like colour table and alpha-blended over the
 thumbnail; uncovered pixels keep the thumbnail. A colour bar on the right is labelled with
-the value range. Drawn with numpy + PIL only.
+the value range. Patches that could not be read (``failed_coords`` of the features file: no
+score) are drawn as *missing*, not as a low value: where only such patches lie, opaque grey
+diagonal stripes (:data:`MISSING_RGB`, every other :data:`HATCH_PX`-px band) hatch the
+thumbnail, a colour that viridis never takes, and the colour-bar panel gains a hatched
+"unread" swatch. Drawn with numpy + PIL only.
 
 Thumbnail geometry: the ``tile`` stage renders the thumbnail from its segmentation picture,
 whose pixel covers ``seg_mpp / mpp_level0`` level-0 pixels and whose width is
@@ -32,6 +36,10 @@ DEFAULT_ALPHA = 0.55
 MIN_SIDE = 384  # small thumbnails are enlarged to at least this long side
 BAR_PANEL = 72  # width of the colour-bar panel, px
 BAR_WIDTH = 16
+#: Patches without a score (unreadable): grey stripes, hatched over the thumbnail.
+MISSING_RGB = (128, 128, 128)
+HATCH_PX = 3
+SWATCH_H = 10  # height of the "unread" legend swatch, px
 
 
 def colormap_lut(anchors: Sequence[Sequence[int]] = VIRIDIS_ANCHORS, n: int = 256) -> np.ndarray:
@@ -92,6 +100,22 @@ def paint_values(values: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -
     return acc, covered
 
 
+def coverage(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(h, w)`` bool: the pixels inside any of ``boxes`` (from :func:`patch_boxes`)."""
+    w, h = size
+    out = np.zeros((h, w), dtype=bool)
+    for x0, y0, x1, y1 in boxes.tolist():
+        out[y0:y1, x0:x1] = True
+    return out
+
+
+def hatch(mask: np.ndarray, period: int = HATCH_PX) -> np.ndarray:
+    """The pixels of ``mask`` on every other diagonal band ``period`` px wide (x + y direction)."""
+    h, w = mask.shape
+    yy, xx = np.indices((h, w))
+    return mask & (((xx + yy) // period) % 2 == 0)
+
+
 def render_heatmap(
     background: Any,
     grid: np.ndarray,
@@ -101,6 +125,7 @@ def render_heatmap(
     alpha: float = DEFAULT_ALPHA,
     title: str | None = None,
     lut: np.ndarray | None = None,
+    missing: np.ndarray | None = None,
 ) -> Any:
     """Blend one class's value ``grid`` (h, w) over ``background`` and add a labelled colour bar.
 
@@ -109,6 +134,8 @@ def render_heatmap(
     background : PIL image or (h, w, 3) uint8 array of the same size as ``grid``.
     grid, covered : from :func:`paint_values` (one class column).
     vrange : (low, high) value mapped to the ends of the colour table.
+    missing : (h, w) bool, pixels of unread patches only (no score): hatched with
+        :data:`MISSING_RGB` and explained by an "unread" swatch under the colour bar.
 
     Returns
     -------
@@ -123,6 +150,9 @@ def render_heatmap(
     span = hi - lo if hi - lo > 1e-12 else 1.0
     colors = apply_colormap((grid - lo) / span, lut).astype(np.float64)
     blended = np.where(covered[..., None], (1.0 - alpha) * bg + alpha * colors, bg)
+    has_missing = missing is not None and bool(missing.any())
+    if has_missing:
+        blended[hatch(missing & ~covered)] = MISSING_RGB
     img = Image.fromarray(np.round(blended).astype(np.uint8))
     font = ImageFont.load_default()
     top = 18 if title else 0
@@ -131,7 +161,7 @@ def render_heatmap(
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((4, 3), _ascii(title), fill=(0, 0, 0), font=font)
-    bar_top, bar_bottom = top + 6, canvas.height - 6
+    bar_top, bar_bottom = top + 6, canvas.height - 6 - (SWATCH_H + 8 if has_missing else 0)
     ramp = np.linspace(1.0, 0.0, max(bar_bottom - bar_top, 2))[:, None].repeat(BAR_WIDTH, axis=1)
     bar = Image.fromarray(apply_colormap(ramp, lut))
     x_bar = img.width + 8
@@ -142,7 +172,21 @@ def render_heatmap(
         draw.line((x_bar + BAR_WIDTH, y, x_bar + BAR_WIDTH + 3, y), fill=(0, 0, 0))
         draw.text((x_bar + BAR_WIDTH + 5, max(0, min(y - 5, canvas.height - 11))), f"{lo + frac * span:.3f}",
                   fill=(0, 0, 0), font=font)
+    if has_missing:
+        _missing_swatch(canvas, x_bar, bar_bottom + 8, font)
     return canvas
+
+
+def _missing_swatch(canvas: Any, x: int, y: int, font: Any) -> None:
+    """A hatched ``BAR_WIDTH`` × ``SWATCH_H`` box at (x, y) labelled "unread" (the legend of missing patches)."""
+    from PIL import Image, ImageDraw
+
+    white = np.full((SWATCH_H, BAR_WIDTH, 3), 255, dtype=np.uint8)
+    white[hatch(np.ones((SWATCH_H, BAR_WIDTH), dtype=bool))] = MISSING_RGB
+    canvas.paste(Image.fromarray(white), (x, y))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((x - 1, y - 1, x + BAR_WIDTH, y + SWATCH_H), outline=(0, 0, 0))
+    draw.text((x + BAR_WIDTH + 5, y - 1), "unread", fill=(0, 0, 0), font=font)
 
 
 def slide_heatmaps(
@@ -154,12 +198,34 @@ def slide_heatmaps(
     *,
     slide_id: str = "",
     alpha: float = DEFAULT_ALPHA,
+    missing_coords: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """One heatmap image per class for a slide (shared value range, so classes compare).
 
     ``thumbnail`` is the tile stage's PIL thumbnail, or ``None`` for a white canvas. Small
     thumbnails are enlarged so the long side is at least :data:`MIN_SIDE` px.
+    ``missing_coords`` (level-0 corners of the patches that could not be read) are hatched
+    as missing where no scored patch covers them.
     """
+    base, scale = heatmap_canvas(thumbnail, coords_attrs)
+    size = float(coords_attrs["patch_size_level0"])
+    sim = np.asarray(similarity, dtype=np.float64).reshape(len(coords), len(class_names))
+    boxes = patch_boxes(coords, size, scale, base.size)
+    grid, covered = paint_values(sim, boxes, base.size)
+    missing = None
+    if missing_coords is not None and len(missing_coords):
+        missing = coverage(patch_boxes(missing_coords, size, scale, base.size), base.size)
+    vrange = (float(sim.min()), float(sim.max())) if sim.size else (0.0, 1.0)
+    return {
+        c: render_heatmap(base, grid[..., i], covered, vrange, alpha=alpha, missing=missing,
+                          title=f"{slide_id}  {c}: cosine similarity" if slide_id else c)
+        for i, c in enumerate(class_names)
+    }
+
+
+def heatmap_canvas(thumbnail: Any | None, coords_attrs: Mapping[str, Any]) -> tuple[Any, tuple[float, float]]:
+    """The heatmaps' background (the thumbnail, enlarged to :data:`MIN_SIDE`, or a white canvas)
+    and its pixels per level-0 pixel ``(fx, fy)``."""
     from PIL import Image
 
     if thumbnail is None:
@@ -174,15 +240,7 @@ def slide_heatmaps(
     if up > 1.0:
         base = base.resize((round(base.width * up), round(base.height * up)), Image.Resampling.BILINEAR)
         fx, fy = fx * up, fy * up
-    sim = np.asarray(similarity, dtype=np.float64).reshape(len(coords), len(class_names))
-    boxes = patch_boxes(coords, float(coords_attrs["patch_size_level0"]), (fx, fy), base.size)
-    grid, covered = paint_values(sim, boxes, base.size)
-    vrange = (float(sim.min()), float(sim.max())) if sim.size else (0.0, 1.0)
-    return {
-        c: render_heatmap(base, grid[..., i], covered, vrange, alpha=alpha,
-                          title=f"{slide_id}  {c}: cosine similarity" if slide_id else c)
-        for i, c in enumerate(class_names)
-    }
+    return base, (fx, fy)
 
 
 def _ascii(text: str) -> str:
@@ -190,9 +248,13 @@ def _ascii(text: str) -> str:
 
 
 __all__ = [
+    "MISSING_RGB",
     "VIRIDIS_ANCHORS",
     "apply_colormap",
     "colormap_lut",
+    "coverage",
+    "hatch",
+    "heatmap_canvas",
     "paint_values",
     "patch_boxes",
     "render_heatmap",

@@ -2,11 +2,21 @@
 
 Both stores hold the same arrays and attributes:
 
-* ``features`` (N, D) float32, pre-projection CLS features;
-* ``coords`` (N, 2) int64 level-0 top-left corners, with the coords file's attributes copied;
+* ``features`` (N, D) float32, pre-projection CLS features of the patches that were read;
+* ``coords`` (N, 2) int64 level-0 top-left corners of those patches, with the coords file's
+  attributes copied (so its ``n_patches`` attribute counts every patch of the coords file);
+* ``failed_coords`` (M, 2) int64 level-0 corners of the patches that could not be read (their
+  tile did not decode): left out of ``features`` and ``coords``, never embedded; M >= 0, the
+  dataset is always written (schema version 2);
 * file/group attributes: provenance (model, weights sha256, refinement, context, precision,
-  device, package version), ``n_failed_patches`` and ``complete=True`` (written last, so a
-  file without it was never finished).
+  device, package version), ``n_failed_patches`` (= M) and ``complete=True`` (written last,
+  so a file without it was never finished).
+
+``coords`` and ``failed_coords`` each keep the coords file's row order and together hold every
+row of the coords file exactly once: dropping the failed rows from the coords file gives
+``coords``. :meth:`FeatureStore.validate` checks exactly this. Files of schema version 1
+(before ``failed_coords``) replaced unreadable patches by white ones and kept them; such a file
+still validates when it has no failed patches, and is re-embedded when it has some.
 
 Layouts: ``features/<model_id>/<slide_id>.h5`` and ``features/<model_id>.zarr/<slide_id>/``.
 A zarr slide group is written in a temporary sibling folder and renamed into place, so
@@ -31,7 +41,10 @@ from ..errors import ConfigError
 from .atomic import TMP_SUFFIX, atomic_path, atomic_write_text, fsync_dir
 from .provenance import jsonable
 
-FEATURES_SCHEMA_VERSION = 1
+FEATURES_SCHEMA_VERSION = 2
+#: Version 1: no ``failed_coords``; unreadable patches were embedded as white patches.
+LEGACY_SCHEMA_VERSION = 1
+FAILED_COORDS = "failed_coords"
 
 
 def _h5able(value: Any) -> Any:
@@ -46,10 +59,48 @@ def _h5able(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class SlideFeatures:
+    """One slide's stored features; ``failed_coords`` is ``None`` for a schema-1 file (no such dataset)."""
+
     features: np.ndarray
     coords: np.ndarray
     attrs: dict[str, Any]
     coords_attrs: dict[str, Any]
+    failed_coords: np.ndarray | None = None
+
+    @property
+    def n_left_out(self) -> int:
+        """Patches that could not be read and are not in ``features`` (rows of ``failed_coords``)."""
+        return 0 if self.failed_coords is None else len(self.failed_coords)
+
+    @property
+    def n_blank_substituted(self) -> int:
+        """Rows of ``features`` that are white substitutes of unreadable patches (schema-1 files only)."""
+        if self.failed_coords is not None:
+            return 0
+        return int(self.attrs.get("n_failed_patches", 0) or 0)
+
+
+def _coords2(coords: np.ndarray | None) -> np.ndarray:
+    """``coords`` as (n, 2) int64; ``None`` is the empty (0, 2) array."""
+    return np.zeros((0, 2), np.int64) if coords is None else np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+
+
+def _row_keys(coords: np.ndarray) -> np.ndarray:
+    """One opaque, comparable key per (x, y) int64 row (for set membership of rows)."""
+    return np.ascontiguousarray(coords, dtype=np.int64).view(np.dtype((np.void, 16))).ravel()
+
+
+def split_mismatch(expected: np.ndarray, coords: np.ndarray, failed: np.ndarray) -> str | None:
+    """``None`` when ``coords`` and ``failed`` split ``expected``: each in ``expected``'s order,
+    every row of ``expected`` in exactly one of them; otherwise what differs."""
+    if len(coords) + len(failed) != len(expected):
+        return f"holds {len(coords)} read + {len(failed)} failed patches for {len(expected)} coords in the coords file"
+    if len(failed) == 0:
+        return None if np.array_equal(coords, expected) else "coords differ from the current coords file"
+    is_failed = np.isin(_row_keys(expected), _row_keys(failed))
+    if not (np.array_equal(expected[is_failed], failed) and np.array_equal(expected[~is_failed], coords)):
+        return "coords and failed_coords differ from the current coords file"
+    return None
 
 
 # --------------------------------------------------------------------------------- HDF5
@@ -65,6 +116,7 @@ def _h5_write(
     coords: np.ndarray,
     attrs: Mapping[str, Any],
     coords_attrs: Mapping[str, Any],
+    failed_coords: np.ndarray | None = None,
 ) -> Path:
     final = _h5_path(root, model_id, slide_id)
     with atomic_path(final) as tmp:
@@ -75,6 +127,7 @@ def _h5_write(
             c = f.create_dataset("coords", data=coords.astype(np.int64, copy=False).reshape(-1, 2))
             for k, v in coords_attrs.items():
                 c.attrs[k] = _h5able(v)
+            f.create_dataset(FAILED_COORDS, data=_coords2(failed_coords))
             for k, v in attrs.items():
                 f.attrs[k] = _h5able(v)
             f.attrs["complete"] = True  # last: marks the file finished
@@ -93,6 +146,7 @@ def _h5_read(root: Path, model_id: str, slide_id: str) -> SlideFeatures:
             coords=f["coords"][:],
             attrs={k: jsonable(v) for k, v in f.attrs.items()},
             coords_attrs={k: jsonable(v) for k, v in f["coords"].attrs.items()},
+            failed_coords=f[FAILED_COORDS][:] if FAILED_COORDS in f else None,
         )
 
 
@@ -121,6 +175,7 @@ def _zarr_write(
     coords: np.ndarray,
     attrs: Mapping[str, Any],
     coords_attrs: Mapping[str, Any],
+    failed_coords: np.ndarray | None = None,
 ) -> Path:
     import zarr
 
@@ -134,6 +189,8 @@ def _zarr_write(
         group.create_array("features", data=features.astype(np.float32, copy=False), chunks=(max(1, min(n, 1024)), max(d, 1)))
         c = group.create_array("coords", data=coords.astype(np.int64, copy=False).reshape(-1, 2), chunks=(max(1, min(n, 65536)), 2))
         c.attrs.update({k: jsonable(v) for k, v in coords_attrs.items()})
+        failed = _coords2(failed_coords)
+        group.create_array(FAILED_COORDS, data=failed, chunks=(max(1, min(len(failed), 65536)), 2))
         group.attrs.update({k: jsonable(v) for k, v in attrs.items()})
         group.attrs["complete"] = True
         for p in sorted(tmp.rglob("*"), reverse=True):
@@ -160,6 +217,7 @@ def _zarr_read(root: Path, model_id: str, slide_id: str) -> SlideFeatures:
         coords=np.asarray(crds[...]),
         attrs=dict(group.attrs),
         coords_attrs=dict(crds.attrs),
+        failed_coords=np.asarray(group[FAILED_COORDS][...]) if FAILED_COORDS in group else None,
     )
 
 
@@ -182,8 +240,11 @@ class FeatureStore:
         coords: np.ndarray,
         attrs: Mapping[str, Any],
         coords_attrs: Mapping[str, Any],
+        failed_coords: np.ndarray | None = None,
     ) -> Path:
-        return self.write_fn(Path(features_dir), model_id, slide_id, features, coords, attrs, coords_attrs)
+        """Write one slide atomically; ``failed_coords`` (default: none) are the unread patches left out."""
+        return self.write_fn(Path(features_dir), model_id, slide_id, features, coords, attrs, coords_attrs,
+                             failed_coords)
 
     def read(self, features_dir: str | os.PathLike[str], model_id: str, slide_id: str) -> SlideFeatures:
         return self.read_fn(Path(features_dir), model_id, slide_id)
@@ -198,7 +259,12 @@ class FeatureStore:
         slide_id: str,
         expected_coords: np.ndarray,
     ) -> str | None:
-        """``None`` when the stored slide is complete and matches; otherwise why it must be redone."""
+        """``None`` when the stored slide is complete and matches; otherwise why it must be redone.
+
+        Matches: same ``model_id``, schema version 2 (or 1 without failed patches), one
+        finite feature row per stored coord, ``n_failed_patches`` = rows of ``failed_coords``,
+        and ``coords`` + ``failed_coords`` split ``expected_coords`` (see :func:`split_mismatch`).
+        """
         path = self.path_for(features_dir, model_id, slide_id)
         if not path.exists():
             return "missing"
@@ -210,16 +276,35 @@ class FeatureStore:
             return "incomplete (no complete=True attribute)"
         if sf.attrs.get("model_id") != model_id:
             return f"written by another model setting ({sf.attrs.get('model_id')!r})"
-        if sf.attrs.get("features_schema_version") != FEATURES_SCHEMA_VERSION:
-            return "older schema version"
-        expected = np.asarray(expected_coords, dtype=np.int64).reshape(-1, 2)
-        if sf.features.ndim != 2 or sf.features.shape[0] != len(expected):
-            return f"holds {sf.features.shape[0] if sf.features.ndim else '?'} features for {len(expected)} coords"
-        if not np.array_equal(sf.coords, expected):
-            return "coords differ from the current coords file"
+        reason = _schema_mismatch(sf)
+        if reason is not None:
+            return reason
+        coords, failed = _coords2(sf.coords), _coords2(sf.failed_coords)
+        if sf.features.ndim != 2 or sf.features.shape[0] != len(coords):
+            return f"holds {sf.features.shape[0] if sf.features.ndim else '?'} features for {len(coords)} coords"
+        if int(sf.attrs.get("n_failed_patches", 0) or 0) != len(failed):
+            return f"n_failed_patches={sf.attrs.get('n_failed_patches')} but {len(failed)} failed_coords"
+        reason = split_mismatch(_coords2(expected_coords), coords, failed)
+        if reason is not None:
+            return reason
         if not np.all(np.isfinite(sf.features)):
             return "non-finite features"
         return None
+
+
+def _schema_mismatch(sf: SlideFeatures) -> str | None:
+    """Why ``sf``'s schema cannot be resumed from (``None`` when it can)."""
+    version = sf.attrs.get("features_schema_version")
+    if version == LEGACY_SCHEMA_VERSION and sf.failed_coords is None:
+        if sf.n_blank_substituted:
+            return (f"holds {sf.n_blank_substituted} white substitutes of unreadable patches (schema 1); "
+                    "re-embedding leaves them out")
+        return None
+    if version != FEATURES_SCHEMA_VERSION:
+        return f"schema version {version} (expected {FEATURES_SCHEMA_VERSION})"
+    if sf.failed_coords is None:
+        return f"no {FAILED_COORDS} dataset"
+    return None
 
 
 _STORES: dict[str, FeatureStore] = {
@@ -229,6 +314,7 @@ _STORES: dict[str, FeatureStore] = {
 
 
 def get_store(name: str) -> FeatureStore:
+    """The feature store called ``name`` (``h5`` or ``zarr``)."""
     try:
         return _STORES[name]
     except KeyError:
