@@ -29,9 +29,34 @@ TRAIN_PROMPTS = ROOT / "configs" / "prompts" / "demo_train.yaml"
 PROMPTS = ROOT / "configs" / "prompts" / "demo.yaml"
 
 
+OPEN_CLIP_TINY = "wsi-adapter-tiny-vit"
+#: One tiny model per backbone family: the adapter mechanism must work on every one of them.
+BACKBONES = ["convlm_test", "conch_test", f"open_clip:{OPEN_CLIP_TINY}", "hf_clip"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tiny_open_clip(tmp_path_factory):
+    import open_clip
+
+    path = tmp_path_factory.mktemp("oc") / f"{OPEN_CLIP_TINY}.json"
+    path.write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    }))
+    open_clip.add_model_config(path)
+
+
 def _base(tmp_path: Path, name: str, seed: int = 0) -> Path:
+    """Weights of a tiny ``name`` on seed ``seed`` in the family's own layout (a folder for hf_clip)."""
+    if name == "hf_clip":
+        from hf_factory import TINY_TEXT, TINY_VISION, clip_tokenizer, make_clip_folder
+
+        folder = tmp_path / f"hf-{seed}"
+        make_clip_folder(folder, clip_tokenizer(tmp_path / "bpe"), TINY_VISION, TINY_TEXT, "gelu", seed=seed)
+        return folder
     torch.manual_seed(seed)
-    path = tmp_path / f"{name}-{seed}.safetensors"
+    path = tmp_path / f"{name.replace(':', '-')}-{seed}.safetensors"
     save_weights(create_model(name), path)
     return path
 
@@ -44,12 +69,12 @@ def _ctx(model) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(model.proj_dim, generator=torch.Generator().manual_seed(8)), dim=0)
 
 
-@pytest.mark.parametrize("name", ["convlm_test", "conch_test"])
+@pytest.mark.parametrize("name", BACKBONES)
 def test_round_trip_is_exact_and_declares_its_base(tmp_path, name):
     weights = _base(tmp_path, name)
     model = create_model(name, weights=weights)
     torch.manual_seed(1)
-    new_adapter(model, layers=(1, 3), hidden=16, alpha=0.2)
+    new_adapter(model, layers=(0, 2), hidden=16, alpha=0.2)
     with torch.no_grad():  # make the adapter matter: random-init MLP outputs are tiny
         for p in model.context_mlp.parameters():
             p.mul_(50)
@@ -60,10 +85,10 @@ def test_round_trip_is_exact_and_declares_its_base(tmp_path, name):
     with safe_open(str(path), framework="pt") as f:
         meta, keys = f.metadata(), sorted(f.keys())
     assert meta["format"] == ADAPTER_FORMAT and meta["base_model"] == name
-    assert meta["base_weights_sha256"] == model.weights_sha256 and json.loads(meta["layers"]) == [1, 3]
+    assert meta["base_weights_sha256"] == model.weights_sha256 and json.loads(meta["layers"]) == [0, 2]
     assert float(meta["alpha"]) == 0.2 and meta["hidden"] == "16" and float(meta["keep_rate"]) == 0.7
     assert json.loads(meta["prune_layers"]) == list(model.prune_layers) == [1, 2]
-    assert keys == sorted(f"context_mlp.{b}.{i}.{w}" for b in (1, 3) for i in (0, 2) for w in ("weight", "bias"))
+    assert keys == sorted(f"context_mlp.{b}.{i}.{w}" for b in (0, 2) for i in (0, 2) for w in ("weight", "bias"))
 
     fresh = create_model(name, weights=weights)
     info = load_adapter(fresh, path)
@@ -151,7 +176,7 @@ def _adapter_cfg(data: Path, prompts: Path, out: Path, weights: Path, name: str 
     return TrainConfig(str(data), str(prompts), str(out), **base)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["convlm_test", "conch_test"])
+@pytest.mark.parametrize("name", BACKBONES)
 def test_adapter_training_touches_nothing_but_the_adapter(rois, tmp_path, name):
     weights = _base(tmp_path, name)
     before = {k: v.clone() for k, v in create_model(name, weights=weights).state_module.state_dict().items()}
