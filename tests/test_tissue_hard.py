@@ -90,6 +90,13 @@ def test_hard_slide_patches_match_the_truth(name: str, hard: dict[str, HardSlide
     assert s.on_tissue >= MIN_ON_TISSUE, s
 
 
+def test_the_estimated_glass_colour_is_recorded(hard: dict[str, HardSlide], hard_tiled: dict) -> None:
+    """The coords attrs record the glass colour segmentation judged against (the fixture's true glass)."""
+    _, attrs = hard_tiled["tinted_glass"]
+    truth = np.array(HARD_SLIDES["tinted_glass"].background)
+    assert np.abs(np.asarray(attrs["seg_glass_rgb"], float) - truth).max() <= 4, (attrs["seg_glass_rgb"], truth)
+
+
 @pytest.mark.parametrize("slide_id", DEMO_IDS)
 def test_demo_slide_patches_match_the_truth(slide_id: str, demo: dict, demo_tiled: dict) -> None:
     s = _score(demo_tiled[slide_id], demo[slide_id][1])

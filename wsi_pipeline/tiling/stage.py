@@ -284,7 +284,7 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
     polygons = mask_to_polygons(tissue.mask, low.scale)
     attrs.update(
         seg_level=low.level, seg_factor=low.factor, seg_mpp=low.mpp, seg_threshold=tissue.threshold,
-        tissue_area_um2=tissue.area_um2, unreadable_fraction=low.unreadable_fraction,
+        seg_glass_rgb=list(tissue.glass), tissue_area_um2=tissue.area_um2, unreadable_fraction=low.unreadable_fraction,
         step_level0=spec.step_level0, n_patches=len(coords),
     )
     thumb = render_thumbnail(low.rgb, low.scale, polygons, coords, spec.patch_size_level0,
@@ -292,7 +292,8 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
     provenance = slide_provenance(attrs)
     write_png(paths.thumbnail, thumb, provenance, compress_level=1)
     write_geojson(paths.tissue, polygons, {"slide_id": sid}, provenance={
-        **provenance, "seg_mpp": low.mpp, "seg_threshold": tissue.threshold, "tiling_config": json.loads(attrs["tiling_config"])})
+        **provenance, "seg_mpp": low.mpp, "seg_threshold": tissue.threshold, "seg_glass_rgb": list(tissue.glass),
+        "tiling_config": json.loads(attrs["tiling_config"])})
     write_coords(paths.coords, coords, attrs, tissue_fraction=frac)  # last: it marks the slide done
     reason = ""
     if len(coords) == 0:
