@@ -169,7 +169,7 @@ def test_workers_give_identical_features(tiled, tmp_path):
     np.testing.assert_array_equal(f0, f2)
 
 
-def test_unreadable_tiles_become_blank_or_fail_the_slide(tiled, tmp_path):
+def test_unreadable_tiles_are_left_out_or_fail_the_slide(tiled, tmp_path):
     from wsi_pipeline.slide.write import corrupt_tile
 
     out = _copy_out(tiled, tmp_path)
@@ -184,6 +184,7 @@ def test_unreadable_tiles_become_blank_or_fail_the_slide(tiled, tmp_path):
     ok = embed_slides(out, EmbedConfig(model="convlm_test", slides_dir=str(tmp_path), max_failed_fraction=0.5), slide_ids=["a"])
     sf = get_store("h5").read(out / "features", ok.model_id, "a")
     assert ok.results[0].status == "ok" and sf.attrs["n_failed_patches"] == r.n_failed_patches
+    assert len(sf.features) == len(coords) - r.n_failed_patches  # left out, never blank-substituted
 
 
 def test_cli_embed_matches_reference_and_reports(tiled, tmp_path):
