@@ -351,7 +351,7 @@ class _RefusingBackend:
 
     def __init__(self, path: str) -> None:
         type(self).opened += 1
-        raise RuntimeError("refusing backend says no\nsecond line")
+        raise OSError("refusing backend says no\nsecond line")  # a file error (the default test)
 
 
 def test_auto_falls_back_to_the_next_backend(monkeypatch: pytest.MonkeyPatch, tiff_slide: FixtureSlide) -> None:

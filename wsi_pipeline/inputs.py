@@ -1,4 +1,9 @@
-"""Input expansion shared by every verb: files, folders and ``@list.txt`` files."""
+"""Input expansion shared by every verb: files, folders and ``@list.txt`` files.
+
+A slide is a file, or a folder that a backend opens as one slide: a DICOM WSI is a folder
+of ``.dcm`` files (one per pyramid level, plus label and overview instances) and is
+found, named (by the folder) and counted as one slide wherever it sits.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,20 @@ def slide_extensions() -> frozenset[str]:
     return frozenset(e for spec in registered_backends() for e in spec.extensions)
 
 
+def _folder_slide_extensions() -> frozenset[str]:
+    """Extensions of the files that make their folder one slide (``.dcm``)."""
+    from .slide.base import folder_member_extensions
+
+    return folder_member_extensions()
+
+
+def _is_folder_slide(folder: Path) -> bool:
+    """A folder that directly holds the member files of a multi-file slide (a DICOM WSI)."""
+    from .slide.base import find_folder_members
+
+    return find_folder_members(folder) is not None
+
+
 def collect_inputs(paths: Iterable[str | os.PathLike[str]], recursive: bool = False) -> list[Path]:
     """Expand ``paths`` into slide / ROI image files.
 
@@ -27,12 +46,16 @@ def collect_inputs(paths: Iterable[str | os.PathLike[str]], recursive: bool = Fa
     ----------
     paths : iterable of path
         Files (kept as given), folders (expanded to the files whose extension a registered
-        slide backend knows; sorted; hidden files skipped) and ``@list.txt`` files (one path
-        per line, ``#`` comments and blank lines skipped; relative entries are resolved
-        against the list's folder when they exist there). A list entry that is not a file is
-        kept, with a warning: the stage records it as a failed slide and goes on.
+        slide backend knows, and to the sub-folders that are one slide each, such as a DICOM
+        WSI; sorted; hidden files skipped) and ``@list.txt`` files (one path per line, ``#``
+        comments and blank lines skipped; relative entries are resolved against the list's
+        folder when they exist there). A list entry that is not a file is kept, with a
+        warning: the stage records it as a failed slide and goes on. A folder that is itself
+        one slide (holds ``.dcm`` files) is that slide, plus any other slide files in it; a
+        ``.dcm`` file stands for its folder, so two files of one DICOM WSI are one slide.
     recursive : bool
-        Descend into sub-folders of folder inputs.
+        Descend into sub-folders of folder inputs (the ``.dcm`` files of a DICOM WSI found
+        on the way are its folder, never slides of their own).
 
     Returns
     -------
@@ -55,7 +78,7 @@ def collect_inputs(paths: Iterable[str | os.PathLike[str]], recursive: bool = Fa
         if p.is_dir():
             out.extend(_expand_folder(p, recursive))
         elif p.is_file():
-            out.append(p)
+            out.append(_as_slide(p))
         else:
             raise ConfigError(f"input {text!r} does not exist; give slide files, folders or @list.txt")
     if not out:
@@ -71,16 +94,35 @@ def collect_inputs(paths: Iterable[str | os.PathLike[str]], recursive: bool = Fa
 
 
 def _expand_folder(folder: Path, recursive: bool) -> list[Path]:
-    exts = slide_extensions()
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(
-        f for f in found
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in exts
-    )
-    if not files:
+    exts = slide_extensions() - _folder_slide_extensions()
+    found = _folder_slides(folder, exts, recursive, top=True)
+    if not found:
         hint = "" if recursive else "; add --recursive to search sub-folders"
-        raise ConfigError(f"no slide files in folder {folder} (slides or ROI images: {' '.join(sorted(exts))}){hint}")
-    return files
+        known = " ".join(sorted(exts | _folder_slide_extensions()))
+        raise ConfigError(f"no slide files in folder {folder} (slides or ROI images: {known}){hint}")
+    return sorted(found)
+
+
+def _folder_slides(folder: Path, exts: frozenset[str], recursive: bool, top: bool) -> list[Path]:
+    """Slides in ``folder``: the folder itself when it is one (DICOM), its slide files, and its
+    sub-folders that are one slide each (all of them, at any depth, when ``recursive``)."""
+    out = [folder] if _is_folder_slide(folder) else []
+    if not top and not recursive:
+        return out
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():  # a linked folder is looked at, not descended into (no loops)
+            out.extend(_folder_slides(entry, exts, recursive and not entry.is_symlink(), top=False))
+        elif entry.suffix.lower() in exts and entry.is_file():
+            out.append(entry)
+    return out
+
+
+def _as_slide(path: Path) -> Path:
+    """The slide a file given directly stands for: its folder for a member of a multi-file
+    slide (a ``.dcm`` file of a DICOM WSI), else the file itself."""
+    return path.parent if path.suffix.lower() in _folder_slide_extensions() else path
 
 
 def _read_list(list_file: Path) -> list[Path]:
@@ -93,7 +135,9 @@ def _read_list(list_file: Path) -> list[Path]:
         q = Path(entry)
         if not q.is_absolute() and (list_file.parent / q).exists():
             q = list_file.parent / q
-        if not q.is_file():  # recorded as a failed slide later; the rest of the batch goes on
+        if q.is_file():
+            q = _as_slide(q)
+        elif not (q.is_dir() and _is_folder_slide(q)):  # recorded as a failed slide later; the batch goes on
             _logger.warning("slide list %s line %d: %r is not a file", list_file, lineno, entry)
         out.append(q)
     return out

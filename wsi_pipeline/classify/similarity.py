@@ -21,6 +21,7 @@ On CPU the products run through numpy's BLAS (OpenBLAS), on other devices throug
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import weakref
 from typing import Any
@@ -145,7 +146,8 @@ def similarity_for(model: Any, classes: torch.Tensor, batch_size: int = 4096) ->
     if not callable(get_matrix):
         return ProjectSimilarity(model, classes, batch_size)
     matrix = get_matrix()
-    key = (matrix.data_ptr(), matrix._version, tuple(matrix.shape), classes.detach().cpu().float().numpy().tobytes())
+    key = (matrix.data_ptr(), _matrix_version(matrix), tuple(matrix.shape),
+           classes.detach().cpu().float().numpy().tobytes())
     try:
         cached = _PREPARED.get(model)
     except TypeError:  # not weak-referenceable: prepare every time
@@ -165,6 +167,31 @@ def similarity_for(model: Any, classes: torch.Tensor, batch_size: int = 4096) ->
     except TypeError:
         pass
     return scorer
+
+
+def _matrix_version(matrix: torch.Tensor) -> tuple[str, object]:
+    """What changes when ``matrix`` is modified in place: torch's private version counter
+    ``Tensor._version`` while it is there and counts in-place writes (checked on a scratch
+    tensor each time: microseconds), else a digest of the values (inference tensors have
+    no counter either)."""
+    if _version_counter_counts():
+        try:
+            return "version", int(matrix._version)
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+    raw = matrix.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return "digest", hashlib.blake2b(raw.tobytes(), digest_size=16).hexdigest()
+
+
+def _version_counter_counts() -> bool:
+    """Whether ``Tensor._version`` exists and grows with an in-place write."""
+    probe = torch.zeros(1)
+    try:
+        before = probe._version
+        probe.add_(1.0)
+        return isinstance(before, int) and probe._version != before
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 def _agrees_with_project(model: Any, matrix: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:

@@ -97,7 +97,13 @@ def plan_regions(
 
 def region_level0_origin(region: Region, downsample: float) -> tuple[int, int]:
     """Level-0 location whose floor-mapping at the read level is ``region.origin``."""
-    x, y = region.origin
+    return level0_location(region.origin, downsample)
+
+
+def level0_location(level_xy: tuple[int, int], downsample: float) -> tuple[int, int]:
+    """Level-0 location whose floor-mapping at the read level is the pixel ``level_xy``: on an
+    exact integer downsample a multiple of it, so that no backend resamples."""
+    x, y = level_xy
     return int(math.ceil(x * downsample - 1e-9)), int(math.ceil(y * downsample - 1e-9))
 
 
@@ -123,8 +129,10 @@ def read_region_patches(
         _logger.warning("%s; reading the %d patches of this region one by one", e, k)
     for j, idx in enumerate(region.indices):
         x, y = coords[idx]
+        ox, oy = region.offsets[j]  # the same level pixels as the region read, not the raw coords
+        at = level0_location((region.origin[0] + int(ox), region.origin[1] + int(oy)), plan.downsample)
         try:
-            out[j] = slide.read_region((int(x), int(y)), plan.level, (p, p))
+            out[j] = slide.read_region(at, plan.level, (p, p))
         except SlideReadError as e:
             failed[j] = True
             _logger.warning("patch at (%d, %d) unreadable, left out: %s", x, y, e)

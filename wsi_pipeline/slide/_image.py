@@ -13,9 +13,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import SlideOpenError, SlideReadError, UnsupportedFormatError
 from ._mpp import TiffResolution, build_slide_info
-from ._tiff import check_data_extent
-from .base import SlideInfo, register_backend
+from ._tiff import TIFF_LIBRARIES, check_data_extent, is_tiff_file_error
+from .base import SlideInfo, raised_in, register_backend
 
 _logger = logging.getLogger(__name__)
 
@@ -51,21 +52,23 @@ class _TiffPixels:
         self._tf = tifffile.TiffFile(path)
         try:
             self._init(path)
-        except Exception:
+        except BaseException:
             self._tf.close()
             raise
 
     def _init(self, path: str) -> None:
         import zarr
 
+        if not self._tf.series:
+            raise SlideOpenError("the TIFF holds no image (no readable page)")
         series = self._tf.series[0]
         page = series.levels[0].keyframe
         check_data_extent(path, series.levels[0].pages)
         if page.dtype != np.uint8:
-            raise ValueError(f"unsupported sample type {page.dtype}; expected 8-bit grey or RGB")
+            raise UnsupportedFormatError(f"unsupported sample type {page.dtype}; expected 8-bit grey or RGB")
         self.axes = series.levels[0].axes
         if self.axes not in ("YX", "YXS", "SYX"):
-            raise ValueError(f"unsupported TIFF axes {self.axes!r}; expected one 2-D grey or RGB image")
+            raise UnsupportedFormatError(f"unsupported TIFF axes {self.axes!r}; expected one 2-D grey or RGB image")
         self._z: Any = zarr.open_array(series.aszarr(level=0), mode="r")
         shape = series.levels[0].shape
         self.height, self.width = (shape[1], shape[2]) if self.axes == "SYX" else (shape[0], shape[1])
@@ -115,6 +118,17 @@ class _PilPixels:
         self._pixels = None
 
 
+def is_image_file_error(e: BaseException) -> bool:
+    """What a damaged or unsupported image raises: the TIFF libraries' errors (see
+    :func:`~._tiff.is_tiff_file_error`), and Pillow's (``UnidentifiedImageError`` is an
+    ``OSError``; a broken PNG raises ``SyntaxError``, a huge one ``DecompressionBombError``)."""
+    from PIL import Image
+
+    if isinstance(e, Image.DecompressionBombError) or (isinstance(e, SyntaxError) and raised_in(e, ("PIL",))):
+        return True
+    return is_tiff_file_error(e, (*TIFF_LIBRARIES, "PIL"))
+
+
 def _ratio(value: object) -> float:
     if isinstance(value, tuple):
         num, den = value
@@ -147,7 +161,7 @@ class ImageBackend:
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (h, w, 3) at level 0 (the only level); out-of-bounds pixels are white."""
         if level != 0:
-            raise IndexError(f"level {level} out of range (image has 1 level)")
+            raise SlideReadError(f"level {level} out of range (image has 1 level)")
         w, h = max(int(size[0]), 0), max(int(size[1]), 0)
         x0, y0 = int(location[0]), int(location[1])
         out = np.full((h, w, 3), 255, np.uint8)
@@ -168,4 +182,5 @@ register_backend(
     extensions=IMAGE_EXTENSIONS,
     is_available=lambda: True,
     version=_version,
+    is_file_error=is_image_file_error,
 )

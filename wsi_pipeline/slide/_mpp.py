@@ -128,6 +128,10 @@ OBJECTIVE_KEYS: list[tuple[str, Callable[[object], float | None]]] = [
 
 VENDOR_KEYS = ("openslide.vendor", "tiffslide.vendor")
 
+#: Properties that name a slide inside its container format, kept as ``SlideInfo.identifiers``
+#: (DICOM: the series, the physical slide's barcode, the study).
+IDENTIFIER_KEYS = ("dicom.SeriesInstanceUID", "dicom.ContainerIdentifier", "dicom.StudyInstanceUID")
+
 
 def normalise_metadata(properties: Properties, resolution: TiffResolution | None = None) -> SlideMetadata:
     """Resolution, objective power and vendor from a properties dict (+ optional TIFF tags).
@@ -186,8 +190,9 @@ def build_slide_info(
         objective_power=meta.objective_power,
         vendor=meta.vendor,
         properties=props,
+        identifiers={k: props[k] for k in IDENTIFIER_KEYS if props.get(k)},
     )
 
 
-__all__ = ["MPP_PARSERS", "SlideMetadata", "TiffResolution", "build_slide_info", "normalise_metadata",
+__all__ = ["IDENTIFIER_KEYS", "MPP_PARSERS", "SlideMetadata", "TiffResolution", "build_slide_info", "normalise_metadata",
            "parse_float", "resolution_to_mpp"]

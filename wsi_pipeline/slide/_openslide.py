@@ -5,7 +5,12 @@ premultiplied ARGB that the library produces, and composited on white in one num
 openslide-python's own ``read_region`` would first un-premultiply every pixel, wrap the
 buffer in a PIL image and leave an RGBA→RGB conversion and an array copy to the caller:
 for a 2,500-px region that costs about as much as OpenSlide's own read. The public path
-is kept as a fallback for openslide-python releases without the low-level call.
+is the fallback for openslide-python releases whose low-level call is missing, takes
+other arguments or behaves otherwise (see :class:`OpenSlideBackend`).
+
+A DICOM WSI (a folder of ``.dcm`` files, one per pyramid level, plus label and
+overview instances, all of one series) is opened as one slide: OpenSlide >= 4.0 reads
+the series from any one of its files (vendor ``dicom``, mpp from the pixel spacing).
 
 What remains is OpenSlide's own work, about 18 ns per output pixel of cairo painting
 even with every tile cached, plus ~1 ms per 240-px JPEG tile decode; a bigger tile cache
@@ -17,13 +22,15 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import logging
+import os
 import sys
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import SlideOpenError, UnsupportedFormatError
 from ._mpp import build_slide_info
-from .base import SlideInfo, register_backend
+from .base import SlideInfo, find_folder_members, is_io_error, register_backend
 
 _logger = logging.getLogger(__name__)
 
@@ -31,6 +38,11 @@ _logger = logging.getLogger(__name__)
 OPENSLIDE_EXTENSIONS = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm"}
 )
+
+#: A folder of these files is one DICOM WSI (OpenSlide >= 4.0 opens it from any member).
+DICOM_FOLDER_MEMBERS = frozenset({".dcm"})
+#: The property that names a DICOM series (OpenSlide's ``dicom.*`` properties).
+DICOM_SERIES_KEY = "dicom.SeriesInstanceUID"
 
 #: Byte positions of (R, G, B, A) inside one native-endian ARGB ``uint32``.
 _ARGB_BYTES = (2, 1, 0, 3) if sys.byteorder == "little" else (1, 2, 3, 0)
@@ -44,6 +56,12 @@ def _version() -> str:
     import openslide
 
     return f"openslide {openslide.__library_version__} (python {openslide.__version__})"
+
+
+def _python_version() -> str:
+    import openslide
+
+    return str(openslide.__version__)
 
 
 def argb32_to_rgb(argb: np.ndarray) -> np.ndarray:
@@ -69,25 +87,56 @@ def straight_rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return ((color * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
+def is_openslide_file_error(e: BaseException) -> bool:
+    """What OpenSlide raises for a damaged or unsupported file: ``OpenSlideError`` (with its
+    ``OpenSlideUnsupportedFormatError``) and ``OSError``; plus our own slide errors."""
+    import openslide
+
+    return is_io_error(e) or isinstance(e, openslide.OpenSlideError)
+
+
 def _lowlevel_reader() -> Any:
-    """openslide-python's ctypes binding of ``openslide_read_region``, or ``None``."""
+    """openslide-python's private ctypes binding of ``openslide_read_region``, or ``None``."""
     from openslide import lowlevel
 
     return getattr(lowlevel, "_read_region", None)
 
 
+#: What a changed private binding raises when called the old way (not the file's fault).
+_API_CHANGE_ERRORS = (TypeError, AttributeError, ctypes.ArgumentError)
+#: Side of the window that a fast read is checked on against openslide-python's public
+#: ``read_region``, until one window with opaque pixels has matched.
+_CHECK_SIDE = 64
+
+
 class OpenSlideBackend:
-    """One ``openslide.OpenSlide`` handle."""
+    """One ``openslide.OpenSlide`` handle; a folder of DICOM files is opened through one of them.
+
+    Regions are read through openslide-python's private ``lowlevel._read_region`` and the
+    handle's private ``_osr`` (see the module notes). If either is missing, raises one of
+    :data:`_API_CHANGE_ERRORS` (a changed signature), or gives other pixels than the public
+    ``read_region`` on the first window with tissue, the handle logs a warning and reads
+    through the public API from then on: same pixels (within one grey level where alpha
+    is partial: the public path un-premultiplies), slower.
+    """
 
     name: ClassVar[str] = "openslide"
 
     def __init__(self, path: str) -> None:
         import openslide
 
-        self._slide = openslide.OpenSlide(path)
+        member, series = dicom_series_member(path) if os.path.isdir(path) else (path, None)
+        self._slide = openslide.OpenSlide(member)
         self._read_raw = _lowlevel_reader() if hasattr(self._slide, "_osr") else None
+        self._checked = False
+        raw = self._slide.properties  # a damaged file may list a property it has no value for
+        props = {k: v for k in raw if (v := raw.get(k)) is not None}
+        if series is not None and props.get(DICOM_SERIES_KEY) != series:
+            self._slide.close()
+            raise SlideOpenError(f"OpenSlide opened series {props.get(DICOM_SERIES_KEY)} from {member}, "
+                                 f"not its own series {series}")
         self._info = build_slide_info(path, self.name, _version(), self._slide.level_dimensions,
-                                      self._slide.level_downsamples, self._slide.properties)
+                                      self._slide.level_downsamples, props)
 
     @property
     def info(self) -> SlideInfo:
@@ -98,18 +147,82 @@ class OpenSlideBackend:
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             return np.full((max(h, 0), max(w, 0), 3), 255, np.uint8)
-        x, y = int(location[0]), int(location[1])
-        if self._read_raw is None:
-            region = self._slide.read_region((x, y), int(level), (w, h))
-            return straight_rgba_to_rgb(np.asarray(region))
+        x, y, level = int(location[0]), int(location[1]), int(level)
+        if self._read_raw is not None:
+            try:
+                rgb = self._read_fast(x, y, level, w, h)  # OpenSlideError on a damaged tile
+                if not self._checked:
+                    self._check_fast_path(rgb, x, y, level)
+            except _API_CHANGE_ERRORS as e:
+                self._fall_back(f"{type(e).__name__}: {e}")
+            else:
+                if self._read_raw is not None:
+                    return rgb
+        return self._read_public(x, y, level, w, h)
+
+    def _read_fast(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         buf = np.empty((h, w), np.uint32)
         # raises OpenSlideError (and latches the handle) on a decode error
-        self._read_raw(self._slide._osr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)),
-                       x, y, int(level), w, h)
+        self._read_raw(self._slide._osr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, level, w, h)
         return argb32_to_rgb(buf)
+
+    def _read_public(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        return straight_rgba_to_rgb(np.asarray(self._slide.read_region((x, y), level, (w, h))))
+
+    def _check_fast_path(self, rgb: np.ndarray, x: int, y: int, level: int) -> None:
+        """Compare a fast read with the public reader on its top-left window; a window without
+        opaque pixels (glass outside the scan) proves nothing, so the next read is checked too."""
+        h, w = min(rgb.shape[0], _CHECK_SIDE), min(rgb.shape[1], _CHECK_SIDE)
+        rgba = np.asarray(self._slide.read_region((x, y), level, (w, h)))
+        diff = np.abs(rgb[:h, :w].astype(np.int16) - straight_rgba_to_rgb(rgba))
+        if diff.size and int(diff.max()) > 1:  # un-premultiplying rounds by at most 1
+            self._fall_back(f"pixels differ from the public read_region by up to {int(diff.max())}")
+        elif (rgba[..., 3] == 255).any():
+            self._checked = True
+
+    def _fall_back(self, why: str) -> None:
+        _logger.warning("%s: openslide.lowlevel._read_region is not usable with openslide-python %s (%s); "
+                        "reading through the public read_region", self._info.path, _python_version(), why)
+        self._read_raw = None
 
     def close(self) -> None:
         self._slide.close()
+
+
+# -- DICOM WSI: a folder of .dcm files of one series --------------------------------------------
+def dicom_series_member(folder: str) -> tuple[str, str]:
+    """The ``.dcm`` file to open a DICOM WSI folder through, and its series UID.
+
+    OpenSlide opens a whole series from any one of its files (it finds the others in the
+    same folder). Every member is probed, so that a folder holding two series is refused
+    instead of silently read as one of them; DICOM files that are no WSI instance
+    (annotations, reports) are skipped.
+    """
+    import openslide
+
+    found = find_folder_members(folder)
+    members = found[1] if found is not None and found[0] == ".dcm" else []
+    series: dict[str, str] = {}
+    errors: list[str] = []
+    for member in members:
+        try:
+            with openslide.OpenSlide(member) as probe:
+                uid = str(probe.properties.get(DICOM_SERIES_KEY, ""))
+        except openslide.OpenSlideError as e:
+            _logger.debug("%s: not a WSI instance (%s)", member, e)
+            errors.append(f"{os.path.basename(member)}: {e}")
+            continue
+        series.setdefault(uid, member)
+    if not series:
+        raise SlideOpenError(f"no DICOM WSI instance among {len(members)} .dcm files"
+                             + (f" ({errors[0]})" if errors else ""))
+    if len(series) > 1:
+        raise UnsupportedFormatError(
+            f"the folder holds {len(series)} DICOM WSI series ({', '.join(sorted(series))}); "
+            "give each series its own folder"
+        )
+    uid, member = next(iter(series.items()))
+    return member, uid
 
 
 register_backend(
@@ -119,4 +232,6 @@ register_backend(
     extensions=OPENSLIDE_EXTENSIONS,
     is_available=_available,
     version=_version,
+    folder_members=DICOM_FOLDER_MEMBERS,
+    is_file_error=is_openslide_file_error,
 )

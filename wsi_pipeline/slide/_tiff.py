@@ -1,4 +1,4 @@
-"""TIFF integrity checks shared by the tifffile-based backends."""
+"""TIFF integrity checks and the file-error test shared by the tifffile-based backends."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import SlideOpenError
+from .base import LIBRARY_DATA_ERRORS, is_io_error, raised_in
+
+#: Libraries under the tifffile-based backends: a data error raised inside them is the file's.
+TIFF_LIBRARIES = ("tifffile", "tiffslide", "zarr", "numcodecs", "imagecodecs")
+
 
 def check_data_extent(path: str, pages: Iterable[Any]) -> None:
-    """Raise ``ValueError`` if any strip/tile of ``pages`` lies beyond the end of the file.
+    """Raise :class:`SlideOpenError` if any strip/tile of ``pages`` lies beyond the end of the file.
 
     Catches truncated copies at open time instead of at the first unlucky region read.
     """
@@ -18,8 +24,10 @@ def check_data_extent(path: str, pages: Iterable[Any]) -> None:
     for page in pages:
         offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         counts = np.asarray(page.databytecounts, dtype=np.int64)
+        if offsets.shape != counts.shape:
+            raise SlideOpenError(f"page {page.index} has {offsets.size} data offsets but {counts.size} byte counts")
         if offsets.size and int((offsets + counts).max()) > size:
-            raise ValueError(
+            raise SlideOpenError(
                 f"file is truncated: page {page.index} needs {int((offsets + counts).max())} bytes, "
                 f"file has {size}"
             )
@@ -28,3 +36,23 @@ def check_data_extent(path: str, pages: Iterable[Any]) -> None:
 def series_pages(series: Any) -> list[Any]:
     """All pages of every pyramid level of a tifffile series."""
     return [p for level in series.levels for p in level.pages if p is not None]
+
+
+def is_codec_error(e: BaseException) -> bool:
+    """An imagecodecs decode error (``Jpeg8Error``, ``DeflateError``...: each its own
+    ``RuntimeError`` subclass). Its ``DelayedImportError`` (a codec missing from this
+    installation) is no file error."""
+    return type(e).__module__.partition(".")[0] == "imagecodecs" and not isinstance(e, ImportError)
+
+
+def is_tiff_file_error(e: BaseException, libraries: tuple[str, ...] = TIFF_LIBRARIES) -> bool:
+    """True for what a damaged or unsupported TIFF raises through tifffile, tiffslide, zarr
+    or imagecodecs: ``OSError``, our :class:`~wsi_pipeline.errors.SlideError`, codec errors,
+    and data errors (``ValueError`` such as ``TiffFileError``, ``ZeroDivisionError``,
+    ``NotImplementedError``, ``MemoryError`` for an absurd size...) raised inside those
+    libraries. Provoked by truncating and overwriting bytes of generated slides: these are
+    the types that came out. A ``TypeError``, ``AttributeError`` or ``ImportError``, or a
+    data error raised in our own code, is a bug."""
+    if is_io_error(e) or is_codec_error(e):
+        return True
+    return isinstance(e, LIBRARY_DATA_ERRORS) and raised_in(e, libraries)

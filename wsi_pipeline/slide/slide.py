@@ -9,21 +9,29 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SlideOpenError, SlideReadError, UnsupportedFormatError
-from .base import SlideBackend, SlideInfo, get_backend, registered_backends
+from ..errors import SlideError, SlideOpenError, SlideReadError, UnsupportedFormatError
+from .base import (
+    BackendSpec,
+    SlideBackend,
+    SlideInfo,
+    find_folder_members,
+    folder_member_extensions,
+    get_backend,
+    registered_backends,
+)
 
 _logger = logging.getLogger(__name__)
 
 
 def _probe(path: str, backend: str) -> tuple[str, SlideBackend]:
-    """Open ``path`` with ``backend`` (or the first that works when ``auto``)."""
-    if os.path.isdir(path):
-        raise SlideOpenError(f"{path}: is a folder, not a slide file")
-    if not os.path.isfile(path):
-        raise SlideOpenError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise SlideOpenError(f"{path}: file is empty (0 bytes)")
-    ext = "".join(Path(path).suffixes[-1:]).lower()
+    """Open ``path`` with ``backend`` (or the first that works when ``auto``).
+
+    Only what a backend calls a file error (:attr:`BackendSpec.is_file_error`) becomes a
+    :class:`SlideOpenError`; anything else is a bug or an unsupported library release and
+    propagates unchanged. Under ``auto`` such an error is logged as a warning and the next
+    backend is tried; it is raised as it is when no backend opens the file.
+    """
+    ext = _format_of(path)
     if backend != "auto":
         try:
             spec = get_backend(backend)
@@ -32,24 +40,34 @@ def _probe(path: str, backend: str) -> tuple[str, SlideBackend]:
             raise UnsupportedFormatError(f"unknown backend {backend!r} (known: {names})") from None
         if not spec.is_available():
             raise SlideOpenError(f"backend {backend!r} is not installed")
+        if os.path.isdir(path) and ext not in spec.folder_members:
+            raise SlideOpenError(f"{path}: {backend} cannot open a folder of {ext} files")
         try:
             return spec.name, spec.factory(path)
-        except Exception as e:  # backend-specific exception types
+        except Exception as e:
+            if not _is_file_error(spec, e):
+                raise
             raise SlideOpenError(f"{path}: {backend} cannot open it: {_one_line(e)}") from e
-    candidates = [s for s in registered_backends(ext) if ext in s.extensions and s.is_available()]
+    candidates = [s for s in registered_backends(ext) if _opens(s, path, ext) and s.is_available()]
     if not candidates:
         known = sorted({e for s in registered_backends() for e in s.extensions})
         raise UnsupportedFormatError(
             f"{path}: unsupported extension {ext or '(none)'!r} (supported: {' '.join(known)})"
         )
     errors: list[str] = []
+    bug: Exception | None = None  # the first error that is no file error, raised if nothing opens
     deferred: tuple[str, SlideBackend] | None = None  # opened, but prefers the next candidate
     for spec in candidates:
         try:
             handle = spec.factory(path)
         except Exception as e:
-            errors.append(f"{spec.name}: {_one_line(e)}")
-            _logger.debug("backend %s failed on %s: %s", spec.name, path, e)
+            if _is_file_error(spec, e):
+                errors.append(f"{spec.name}: {_one_line(e)}")
+                _logger.debug("backend %s failed on %s: %s", spec.name, path, e)
+            else:  # a reader bug or an unsupported library release; another reader may still work
+                _logger.warning("%s: backend %s raised %s: %s (a bug or an unsupported library version, "
+                                "not a damaged file)", path, spec.name, type(e).__name__, _one_line(e))
+                bug = bug or e
             if deferred is not None:
                 return deferred
             continue
@@ -63,7 +81,36 @@ def _probe(path: str, backend: str) -> tuple[str, SlideBackend]:
         return spec.name, handle
     if deferred is not None:
         return deferred
+    if bug is not None:
+        raise bug
     raise SlideOpenError(f"{path}: not a readable slide ({'; '.join(errors)})")
+
+
+def _format_of(path: str) -> str:
+    """The lower-case extension that picks the backends: the file's own, or for a folder that
+    a backend opens as one slide (a DICOM WSI), its members'. Raises for what is no slide."""
+    if os.path.isdir(path):
+        found = find_folder_members(path)
+        if found is None:
+            exts = " ".join(sorted(folder_member_extensions())) or "none"
+            raise SlideOpenError(f"{path}: is a folder, not a slide file (a folder is one slide only when it "
+                                 f"holds the files of one multi-file slide: {exts})")
+        return found[0]
+    if not os.path.isfile(path):
+        raise SlideOpenError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise SlideOpenError(f"{path}: file is empty (0 bytes)")
+    return "".join(Path(path).suffixes[-1:]).lower()
+
+
+def _opens(spec: BackendSpec, path: str, ext: str) -> bool:
+    """Whether ``spec`` is a candidate for ``path`` (a folder: by its members' extension)."""
+    return ext in (spec.folder_members if os.path.isdir(path) else spec.extensions)
+
+
+def _is_file_error(spec: BackendSpec, e: BaseException) -> bool:
+    """Our own slide errors always; otherwise what the backend declares (see :class:`BackendSpec`)."""
+    return isinstance(e, SlideError) or spec.is_file_error(e)
 
 
 def _one_line(e: BaseException) -> str:
@@ -100,10 +147,16 @@ class Slide:
         if self._handle is not None and self._pid == os.getpid():
             try:
                 self._handle.close()
-            except Exception:  # a handle in error state may refuse to close
-                pass
+            except Exception as e:  # a handle in error state may refuse to close
+                if not _is_file_error(self._spec, e):
+                    raise
+                _logger.debug("%s: closing a failed handle: %s", self.path, e)
         self._handle = None
         self._get_handle()
+
+    @property
+    def _spec(self) -> BackendSpec:
+        return get_backend(self.backend)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -123,14 +176,18 @@ class Slide:
         try:
             return self._get_handle().read_region(location, level, size)
         except Exception as first:
+            if not _is_file_error(self._spec, first):
+                raise  # a bug or a changed library API: not the file's fault
             _logger.warning("%s: read error at %s level %d (%s); reopening once", self.path, location, level, first)
-            try:
-                self.reopen()
-                return self._get_handle().read_region(location, level, size)
-            except Exception as second:
-                raise SlideReadError(
-                    f"{self.path}: cannot read region at {tuple(location)} level {level}: {_one_line(second)}"
-                ) from second
+        try:
+            self.reopen()
+            return self._get_handle().read_region(location, level, size)
+        except Exception as second:
+            if not _is_file_error(self._spec, second):
+                raise
+            raise SlideReadError(
+                f"{self.path}: cannot read region at {tuple(location)} level {level}: {_one_line(second)}"
+            ) from second
 
     def close(self) -> None:
         if self._handle is not None and self._pid == os.getpid():
@@ -151,8 +208,10 @@ class Slide:
 def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
     """Open a slide: ``backend`` is ``auto`` (probe by priority, fall back) or a registered name.
 
-    ``auto`` reads ``.svs``/``.tif``/``.tiff`` with tiffslide unless the file is another
-    vendor's layout or uses a codec other than JPEG/deflate/LZW/none (then OpenSlide
-    first); every other slide format with OpenSlide; plain images with the image backend.
+    ``path`` is a slide file, or a folder that a backend opens as one slide (a DICOM WSI:
+    the ``.dcm`` files of one series). ``auto`` reads ``.svs``/``.tif``/``.tiff`` with
+    tiffslide unless the file is another vendor's layout or uses a codec other than
+    JPEG/deflate/LZW/none (then OpenSlide first); every other slide format (DICOM
+    included) with OpenSlide; plain images with the image backend.
     """
     return Slide(path, backend)

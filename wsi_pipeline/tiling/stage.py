@@ -75,8 +75,11 @@ class OutputPaths:
 
 
 def slide_id_from_path(path: str | os.PathLike[str]) -> str:
-    """The file name without its extension (``.ome.tif(f)`` counts as one extension)."""
+    """The file name without its extension (``.ome.tif(f)`` counts as one extension); a folder
+    slide (a DICOM WSI) keeps its whole name, dots included (series UIDs are dotted)."""
     name = unicodedata.normalize("NFC", Path(path).name)
+    if os.path.isdir(path):
+        return name
     for suffix in _DOUBLE_SUFFIXES:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
@@ -335,7 +338,7 @@ def coords_attrs(info: SlideInfo, slide_id: str, config: TilingConfig, patch_siz
                  backend: str) -> dict[str, Any]:
     """TRIDENT + CLAM + provenance attributes of a coords file."""
     w0, h0 = info.dimensions
-    patch_level = info.best_level_for_mpp(config.target_mpp)
+    patch_level = info.read_level_for_mpp(config.target_mpp)  # exact-downsample levels only
     lw, lh = info.level_dimensions[patch_level]
     return {
         # TRIDENT
@@ -359,6 +362,7 @@ def coords_attrs(info: SlideInfo, slide_id: str, config: TilingConfig, patch_siz
         "min_tissue": float(config.min_tissue),
         "overlap_fraction": float(config.overlap),
         "slide_path": os.path.abspath(info.path),
+        "slide_identifiers": json.dumps(info.identifiers, sort_keys=True),  # e.g. the DICOM series UID
         "backend": backend,
         "backend_version": info.backend_version,
         "wsi_pipeline_version": __version__,
