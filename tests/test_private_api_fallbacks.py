@@ -36,23 +36,10 @@ def _regions(fs: FixtureSlide) -> list[Region]:
             ((-100, -50), 0, (256, 256)), ((d1 * 200, d1 * 120), 1, (300, 300)), ((0, 0), 1, (w // d1, h // d1))]
 
 
-def _read_all(path: Path, backend: str) -> tuple[list[np.ndarray], Any]:
-    with open_slide(path, backend) as s:
-        pixels = [s.read_region(*r) for r in _regions_for(path)]
-        return pixels, s._get_handle()
-
-
-_FIXTURES: dict[Path, FixtureSlide] = {}
-
-
-def _regions_for(path: Path) -> list[Region]:
-    return _regions(_FIXTURES[path])
-
-
-@pytest.fixture()
-def svs(svs_slide: FixtureSlide) -> FixtureSlide:
-    _FIXTURES[svs_slide.path] = svs_slide
-    return svs_slide
+def _read_all(fs: FixtureSlide, backend: str) -> tuple[list[np.ndarray], Any]:
+    """The pixels of :func:`_regions` through ``backend``, and the handle that read them."""
+    with open_slide(fs.path, backend) as s:
+        return [s.read_region(*r) for r in _regions(fs)], s._get_handle()
 
 
 # -- OpenSlide: lowlevel._read_region and OpenSlide._osr ---------------------------------------
@@ -123,23 +110,23 @@ OPENSLIDE_BREAKS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
 
 
 @pytest.mark.parametrize("brk", list(OPENSLIDE_BREAKS))
-def test_openslide_falls_back_to_the_public_read_region(svs: FixtureSlide, monkeypatch: pytest.MonkeyPatch,
+def test_openslide_falls_back_to_the_public_read_region(svs_slide: FixtureSlide, monkeypatch: pytest.MonkeyPatch,
                                                         caplog: pytest.LogCaptureFixture, brk: str) -> None:
-    fast, handle = _read_all(svs.path, "openslide")
+    fast, handle = _read_all(svs_slide, "openslide")
     assert handle._checked and handle._read_raw is not None  # the fast path was used and checked
     OPENSLIDE_BREAKS[brk](monkeypatch)
     with caplog.at_level(logging.WARNING, logger="wsi_pipeline.slide._openslide"):
-        slow, handle = _read_all(svs.path, "openslide")
+        slow, handle = _read_all(svs_slide, "openslide")
     assert handle._read_raw is None  # public path
     if brk not in ("absent", "no _osr handle"):
         assert "reading through the public read_region" in caplog.text
-    for r, a, b in zip(_regions(svs), fast, slow, strict=True):
+    for r, a, b in zip(_regions(svs_slide), fast, slow, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=f"{brk}: {r}")  # opaque or fully transparent: exact
 
 
-def test_openslide_check_waits_for_a_window_with_tissue(svs: FixtureSlide) -> None:
+def test_openslide_check_waits_for_a_window_with_tissue(svs_slide: FixtureSlide) -> None:
     """A first read outside the scan (all transparent) proves nothing: the next one is checked."""
-    with open_slide(svs.path, "openslide") as s:
+    with open_slide(svs_slide.path, "openslide") as s:
         s.read_region((-500, -500), 0, (64, 64))
         assert not s._get_handle()._checked
         s.read_region((1024, 1024), 0, (64, 64))
@@ -220,18 +207,18 @@ TIFFSLIDE_BREAKS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
 
 
 @pytest.mark.parametrize("brk", list(TIFFSLIDE_BREAKS))
-def test_tiffslide_tile_path_falls_back_to_the_public_read_region(svs: FixtureSlide, monkeypatch: pytest.MonkeyPatch,
+def test_tiffslide_tile_path_falls_back_to_the_public_read_region(svs_slide: FixtureSlide, monkeypatch: pytest.MonkeyPatch,
                                                                   brk: str) -> None:
-    fast, handle = _read_all(svs.path, "tiffslide")
+    fast, handle = _read_all(svs_slide, "tiffslide")
     assert handle._checked and all(level is not None for level in handle._levels)
     TIFFSLIDE_BREAKS[brk](monkeypatch)
-    slow, handle = _read_all(svs.path, "tiffslide")
+    slow, handle = _read_all(svs_slide, "tiffslide")
     assert all(level is None for level in handle._levels)  # public path everywhere
-    for r, a, b in zip(_regions(svs), fast, slow, strict=True):
+    for r, a, b in zip(_regions(svs_slide), fast, slow, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=f"{brk}: {r}")
 
 
-def test_tiffslide_without_its_internals_still_defers_and_refuses_like_before(svs: FixtureSlide,
+def test_tiffslide_without_its_internals_still_defers_and_refuses_like_before(svs_slide: FixtureSlide,
                                                                              monkeypatch: pytest.MonkeyPatch,
                                                                              tmp_path: Path) -> None:
     import tifffile
@@ -239,7 +226,7 @@ def test_tiffslide_without_its_internals_still_defers_and_refuses_like_before(sv
     from wsi_pipeline.errors import SlideOpenError
 
     _no_tifffile_handle(monkeypatch)
-    with open_slide(svs.path) as s:  # codecs unknown: auto lets OpenSlide read it
+    with open_slide(svs_slide.path) as s:  # codecs unknown: auto lets OpenSlide read it
         assert s.backend == "openslide"
     deep = tmp_path / "deep.tif"
     tifffile.imwrite(deep, np.zeros((64, 64, 3), np.uint16), photometric="rgb", tile=(16, 16), metadata=None)
