@@ -88,9 +88,21 @@ def _class_embeddings(model: nn.Module, prompts: PromptSet) -> np.ndarray:
     return np.stack(rows)
 
 
-def _reference_scores(features: np.ndarray, model: nn.Module, text: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+#: fp16's unit roundoff: the relative error of a rounded normal number.
+FP16_REL = 2.0**-11
+
+
+def _projected(features: np.ndarray, model: nn.Module) -> np.ndarray:
     z = features.astype(np.float64) @ model.image_projection.detach().double().numpy()
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def _reference_scores(features: np.ndarray, model: nn.Module, text: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return _pooled(_projected(features, model), model, text, k)
+
+
+def _pooled(z: np.ndarray, model: nn.Module, text: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-K mean of the cosine similarities of (unit) embeddings ``z``, and its softmax."""
     sim = z @ text.T
     pooled = -np.sort(-sim, axis=0)[: min(k, len(sim))].mean(0)
     logits = math.exp(float(model.logit_scale.detach())) * pooled
@@ -125,12 +137,20 @@ def test_csv_values_recomputed_from_stored_features(run, slides: Path) -> None:
             assert row["predicted"] == "" and row["prob_solid"] == ""
             continue
         with h5py.File(slides / "out" / "features" / run.model_id / f"{row['slide_id']}.h5", "r") as f:
-            feats = f["features"][:]
-        pooled, probs = _reference_scores(feats, model, text, 10)
+            feats, emb = f["features"][:], f["embeddings"][:]
+        assert emb.dtype == np.float16 and emb.shape == (len(feats), 32)
+        # the stored embeddings are the reference projection of the stored features, rounded to fp16
+        z = _projected(feats, model)
+        assert np.all(np.abs(emb.astype(np.float64) - z) <= np.abs(z) * FP16_REL + 2.0**-24)
+        # classify scores exactly the stored embeddings ...
+        pooled, probs = _pooled(emb.astype(np.float64), model, text, 10)
         assert int(row["n_patches"]) == len(feats) and int(row["k"]) == min(10, len(feats))
         np.testing.assert_allclose([float(row[f"score_{c}"]) for c in prompts.class_names], pooled, atol=2e-6)
         np.testing.assert_allclose([float(row[f"prob_{c}"]) for c in prompts.class_names], probs, atol=2e-6)
         assert row["predicted"] == prompts.class_names[int(np.argmax(pooled))]
+        # ... which is the float64 recipe on the features, within fp16 rounding (|Δcos| <= 2^-11 by Cauchy-Schwarz)
+        exact, _ = _reference_scores(feats, model, text, 10)
+        np.testing.assert_allclose(pooled, exact, atol=FP16_REL)
 
 
 def test_json_agrees_with_csv_and_records_provenance(run) -> None:
@@ -394,6 +414,36 @@ def test_score_features_matches_score_slide_and_isolates_bad_files(tmp_path: Pat
             assert r.predicted == ref.prediction and r.k == 3
             assert [r.probabilities[c] for c in "abc"] == pytest.approx(ref.probabilities[3].tolist(), abs=1e-12)
     assert timings["read"] > 0 and timings["score"] > 0
+
+
+def test_stored_embeddings_are_checked_and_old_files_still_score(run, slides: Path, tmp_path: Path, caplog) -> None:
+    """A file without embeddings (older embed) or with embeddings that disagree with the model is
+    scored from its features: exactly the float64 recipe, as before embeddings were stored."""
+    import shutil
+
+    from wsi_pipeline.classify.scoring import score_features
+
+    prompts = load_prompts(PROMPTS)
+    model = _reference_model()
+    text = _class_embeddings(model, prompts)
+    src = slides / "out" / "features" / run.model_id
+    dst = tmp_path / "features" / run.model_id
+    shutil.copytree(src, dst)
+    with h5py.File(dst / "s1.h5", "a") as f:
+        del f["embeddings"]  # as written before embeddings were stored
+    with h5py.File(dst / "s2.h5", "a") as f:
+        f["embeddings"][:] = f["embeddings"][:][::-1]  # rows no longer match their features
+    with h5py.File(dst / "s3.h5", "a") as f:
+        f["embeddings"].attrs["projection_sha256"] = "0" * 64  # made by another projection: never read
+    with caplog.at_level("WARNING"):
+        rows, _, _ = score_features(tmp_path / "features", run.model_id, ["s1", "s2", "s3"], model,
+                                    [torch.as_tensor(text).float()], prompts.class_names, (10,))
+    assert "s2: stored embeddings disagree" in caplog.text and "s1:" not in caplog.text
+    for row in rows:
+        with h5py.File(dst / f"{row.slide_id}.h5", "r") as f:
+            feats = f["features"][:]
+        pooled, _ = _reference_scores(feats, model, text, 10)
+        np.testing.assert_allclose([row.scores[c] for c in prompts.class_names], pooled, atol=2e-6)
 
 
 def test_summary_table_golden() -> None:

@@ -146,6 +146,20 @@ def test_zarr_and_h5_hold_identical_arrays(tiled, tmp_path):
             k: z.attrs[k] for k in ("model_id", "embed_dim", "keep_rate", "complete")
         }
         assert z.coords_attrs["patch_size_level0"] == a.coords_attrs["patch_size_level0"]
+    # both hold the fp16 projected embeddings, read only for the projection that made them
+    model = load_encoder(EmbedConfig(model="convlm_test"), torch.device("cpu"))
+    digest = model.projection_sha256()
+    for store, model_id in (("h5", h5.model_id), ("zarr", zr.model_id)):
+        full = get_store(store).read(out / "features", model_id, "b")
+        fast = get_store(store).read(out / "features", model_id, "b", embeddings_for=digest)
+        other = get_store(store).read(out / "features", model_id, "b", embeddings_for="0" * 64)
+        assert full.embeddings is None and other.embeddings is None and len(other.features) == len(full.features)
+        assert fast.embeddings.dtype == np.float16 and fast.embeddings.shape == (len(full.coords), model.proj_dim)
+        assert fast.embeddings_attrs["projection_sha256"] == digest and fast.embeddings_attrs["model_id"] == model_id
+        np.testing.assert_array_equal(fast.features, full.features[:4])  # the probe rows
+        with torch.inference_mode():
+            ref = model.project(torch.from_numpy(full.features)).numpy()
+        np.testing.assert_array_equal(fast.embeddings, ref.astype(np.float16))
 
 
 def test_context_changes_features_and_is_recorded(tiled, tmp_path):

@@ -25,6 +25,7 @@ import torch
 from click.testing import CliRunner
 from slide_factory import make_slide
 from test_embed import _reference_features
+from zeroshot_reference import FP16_COS
 
 from wsi_pipeline.cli import main
 from wsi_pipeline.config import TilingConfig
@@ -262,7 +263,7 @@ def test_classify_scores_maps_and_exports_only_read_patches(damaged: Damaged, tm
 
     # top-K: the mean of the best K of the stored (readable) patches only
     expected = _topk_mean(sf.features, k)
-    np.testing.assert_allclose([row.scores[c] for c in summary.class_names], expected, atol=1e-5)
+    np.testing.assert_allclose([row.scores[c] for c in summary.class_names], expected, atol=FP16_COS)
     doc = json.loads(summary.predictions_json.read_text())
     [jrow] = doc["slides"]
     assert jrow["n_patches"] == n_read and jrow["provenance"]["n_failed_patches"] == n_failed

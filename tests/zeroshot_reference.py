@@ -17,6 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+#: Classify scores the embeddings ``embed`` stored in float16: each cosine is within fp16's unit
+#: roundoff 2^-11 of the float32 recipe (|Δ(z·t)| ≤ Σ|z_i||t_i|·2^-11 ≤ 2^-11 for unit z, t), and each
+#: probability within exp(logit_scale)·2^-12 (softmax's Jacobian has ∞-norm ≤ 1/2).
+FP16_COS = 2.0**-11
+
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -70,4 +75,4 @@ def read_predictions(path: Path) -> dict[str, dict[str, str]]:
         return {row["slide_id"]: row for row in csv.DictReader(f)}
 
 
-__all__ = ["class_embeddings", "normalized_pixels", "read_predictions", "slide_probabilities", "stained_rois"]
+__all__ = ["FP16_COS", "class_embeddings", "normalized_pixels", "read_predictions", "slide_probabilities", "stained_rois"]

@@ -193,6 +193,7 @@ def score_slide_sets(
     ks: int | Sequence[int] = (DEFAULT_TOP_K,),
     *,
     batch_size: int = 4096,
+    embeddings: np.ndarray | None = None,
 ) -> list[SlideScores]:
     """:func:`score_slide` for several text classifiers of the same classes, projecting once.
 
@@ -200,6 +201,10 @@ def score_slide_sets(
     matrix product (e.g. the full prompt ensemble plus MI-Zero-style single-synonym sets).
     Returns one :class:`SlideScores` per classifier, in order; each equals what
     :func:`score_slide` gives for that classifier alone.
+
+    ``embeddings`` ``(N, P)``: the slide's stored projected, L2-normalised embeddings (checked
+    against the model by the caller, see :mod:`.scoring`); the similarity is then one
+    ``N × P × C`` product and ``features`` are not used beyond their attributes.
     """
     ks = validate_ks(ks)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -217,6 +222,8 @@ def score_slide_sets(
                 "build it from the same prompt file"
             )
     weights = torch.cat(blocks)
+    if embeddings is not None:
+        features = embeddings  # only its row count and shape are used before the product below
     feats = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).detach()
     scale = float(torch.as_tensor(model.logit_scale).detach().float().exp().cpu())
     n = int(feats.shape[0]) if feats.ndim >= 1 else 0
@@ -226,14 +233,19 @@ def score_slide_sets(
         return [SlideScores(STATUS_NO_TISSUE, class_names, 0, ks, scale, empty) for _ in blocks]
     if feats.ndim != 2:
         raise CorruptOutputError(f"features must be a 2-D (patches, dim) array, got shape {tuple(feats.shape)}")
-    if "embed_dim" in attrs and int(attrs["embed_dim"]) != feats.shape[1]:
+    if embeddings is None and "embed_dim" in attrs and int(attrs["embed_dim"]) != feats.shape[1]:
         raise CorruptOutputError(
             f"features have dim {feats.shape[1]} but their attrs say embed_dim={int(attrs['embed_dim'])}; re-run embed"
         )
-    if not _all_finite(feats):
-        raise CorruptOutputError("features contain NaN or inf values; re-run embed for this slide")
-
-    sim_all = similarity_for(model, weights, batch_size)(feats)
+    if embeddings is not None:  # already projected and normalised: one product
+        sim_all = np.asarray(embeddings, dtype=np.float32) @ weights.numpy().T
+        # a NaN or inf anywhere in a row makes every similarity of that row non-finite: check the (N, C) result
+        if not np.isfinite(sim_all).all():
+            raise CorruptOutputError("stored embeddings contain NaN or inf values; re-run embed for this slide")
+    else:
+        if not _all_finite(feats):
+            raise CorruptOutputError("features contain NaN or inf values; re-run embed for this slide")
+        sim_all = similarity_for(model, weights, batch_size)(feats)
     pooled_all = topk_pool(sim_all, ks)
     out = []
     for i in range(len(blocks)):

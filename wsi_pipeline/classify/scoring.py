@@ -8,6 +8,14 @@ substitutes for them is refused.
 Reading runs in a background thread one slide ahead of scoring, so the disk read of slide
 ``i + 1`` overlaps the projection and similarity of slide ``i`` (torch releases the GIL in
 its matrix products). Used by :func:`~.stage.classify_slides` and by the benchmark.
+
+**Stored embeddings.** Feature files written by ``embed`` also hold the
+patches' projected, L2-normalised embeddings, tied to the projection by its sha256. When the
+model's projection has that digest, only the embeddings (float16, a quarter of the bytes of
+fp32 features at 512 → 512) are read and the similarity is one ``N × P × C`` product; the
+first :data:`~wsi_pipeline.store.features.PROBE_ROWS` feature rows are read too and projected
+again as a check (cosine ≥ :data:`PROBE_MIN_COS`; fp16 storage keeps ~1e-6). A file without
+embeddings, or whose embeddings fail the check, is scored from its features as before.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError, CorruptOutputError, WsiPipelineError
 from ..progress import NullProgress, Progress
 from ..store.features import SlideFeatures, get_store
@@ -26,10 +36,13 @@ from ..store.provenance import model_provenance, slide_provenance
 from ..store.status import StatusRow, append_status
 from .outputs import SlidePrediction
 from .pooling import ProjectionModel, SlideScores, score_slide_sets
+from .similarity import model_device_dtype
 
 _logger = logging.getLogger(__name__)
 
 STAGE = "classify"
+#: Minimum cosine between stored embeddings and the model's projection of the probe rows.
+PROBE_MIN_COS = 0.999
 
 #: Called after a slide is scored: (slide_id, scores, features) → visuals entry for the JSON.
 OnScored = Callable[[str, SlideScores, SlideFeatures], dict[str, Any]]
@@ -70,9 +83,13 @@ def score_features(
     results: dict[str, SlidePrediction] = {}
     set_preds: dict[str, list[str | None]] = {}
     t_all = time.perf_counter()
+    digest = _projection_digest(model)
+    check = _EmbeddingsCheck(model) if digest is not None else None
     progress.start(len(slide_ids))
     try:
-        for sid, loaded, read_s, wait_s in _prefetched(todo, lambda s: st.read(features_dir, model_id, s)):
+        for sid, loaded, read_s, wait_s in _prefetched(
+            todo, lambda s: st.read(features_dir, model_id, s, embeddings_for=digest)
+        ):
             t0 = time.perf_counter()
             timings["read"] += read_s
             timings["read_wait"] += wait_s
@@ -83,7 +100,12 @@ def score_features(
                 if model is None:
                     raise ConfigError("no model given to score the features with")
                 check_no_blank_patches(loaded)
-                scored = score_slide_sets(loaded.features, loaded.attrs, model, classifiers, class_names, ks)
+                if check is not None and not check(loaded):
+                    _logger.warning("%s: stored embeddings disagree with the model's projection; scoring from the "
+                                    "features (re-run embed --overwrite to rewrite them)", sid)
+                    loaded = st.read(features_dir, model_id, sid)
+                scored = score_slide_sets(loaded.features, loaded.attrs, model, classifiers, class_names, ks,
+                                          embeddings=loaded.embeddings)
                 row = SlidePrediction.from_scores(sid, scored[0])
                 row.provenance = {**slide_provenance(loaded.coords_attrs), **model_provenance(loaded.attrs),
                                   "n_failed_patches": loaded.n_left_out}
@@ -112,6 +134,36 @@ def score_features(
         progress.close()
     timings["scoring_total"] = time.perf_counter() - t_all
     return [results[s] for s in slide_ids], set_preds, timings
+
+
+def _projection_digest(model: Any) -> str | None:
+    digest = getattr(model, "projection_sha256", None)
+    return digest() if callable(digest) else None
+
+
+class _EmbeddingsCheck:
+    """Whether a slide's stored embeddings agree with ``model``: shape, and the model's projection
+    of the probe feature rows (cosine >= :data:`PROBE_MIN_COS`). Files without embeddings pass."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.device, self.dtype = model_device_dtype(model)
+        self.proj_dim = getattr(model, "proj_dim", None)
+
+    def __call__(self, sf: SlideFeatures) -> bool:
+        emb, probe = sf.embeddings, sf.features
+        if emb is None:
+            return True
+        if emb.ndim != 2 or len(emb) != len(sf.coords) or (self.proj_dim is not None and emb.shape[1] != self.proj_dim):
+            return False
+        if not len(probe):
+            return True
+        import torch
+
+        with torch.inference_mode():
+            ref = self.model.project(torch.from_numpy(np.asarray(probe, np.float32)).to(self.device, self.dtype))
+        stored = torch.from_numpy(emb[: len(probe)].astype(np.float32))
+        return bool((torch.nn.functional.cosine_similarity(ref.float().cpu(), stored, dim=-1) >= PROBE_MIN_COS).all())
 
 
 def check_no_blank_patches(sf: SlideFeatures) -> None:

@@ -11,6 +11,10 @@ feature file validates (complete, same model id, ``coords`` + ``failed_coords`` 
 file's coords; see :meth:`~wsi_pipeline.store.features.FeatureStore.validate`), or while another
 live run holds its lock (``out/locks/embed/<model_id>/<slide_id>.lock``). :class:`SlideEmbedder`
 is the per-slide work that an executor (``local`` or ``ray``) maps over the slides.
+
+Beside the pre-projection ``features`` each file stores ``embeddings``: the same rows
+projected and L2-normalised by the model (fp32 math, stored as float16), tied to the
+projection by its sha256, so that ``classify`` reads and scores only those.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ..runtime.executor import RuntimeConfig, WorkerSpec, absolute, make_executo
 from ..runtime.locks import DEFAULT_LOCK_TIMEOUT_S, SlideLocks, remove_temps_of, this_host
 from ..slide import open_slide
 from ..store.coords import read_coords
-from ..store.features import FEATURES_SCHEMA_VERSION, get_store
+from ..store.features import FEATURES_SCHEMA_VERSION, Embeddings, get_store
 from ..store.status import StatusRow, append_status
 from .context import ContextVector, load_context
 from .dataset import RegionDataset, make_loader, normalize
@@ -227,6 +231,13 @@ class Encoder:
         self.context = None if context is None else context.vector.to(device)
         self.compute_seconds = 0.0
 
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """The stored projected embeddings of a slide's features (see :func:`_project_rows`)."""
+        t0 = time.perf_counter()
+        out = _project_rows(self.model, features, self.device)
+        self.compute_seconds += time.perf_counter() - t0
+        return out
+
     @torch.inference_mode()
     def __call__(self, batch_u8: torch.Tensor) -> np.ndarray:
         t0 = time.perf_counter()
@@ -254,6 +265,16 @@ class SlideEmbedding:
     @property
     def n_failed(self) -> int:
         return int(self.failed.sum())
+
+
+def _project_rows(model: Any, features: np.ndarray, device: torch.device, batch: int = 8192) -> np.ndarray:
+    """``model.project`` of float32 feature rows, in fp32 (no autocast), as float16 ``(N, P)``."""
+    out = np.empty((len(features), model.proj_dim), np.float16)
+    with torch.inference_mode():
+        for start in range(0, len(features), batch):
+            rows = torch.from_numpy(features[start : start + batch]).to(device)
+            out[start : start + batch] = model.project(rows).float().cpu().numpy()
+    return out
 
 
 def embed_coords(
@@ -357,6 +378,7 @@ class SlideEmbedder:
             "wsi_pipeline_version": __version__,
             "features_schema_version": FEATURES_SCHEMA_VERSION,
         }
+        self.projection_sha256 = model.projection_sha256()
         self.locks = SlideLocks(self.out_dir, STAGE, scope=self.model_id, timeout_s=lock_timeout_s)
         self.locks.clear_stale()
 
@@ -410,8 +432,10 @@ class SlideEmbedder:
         result.n_failed_patches = emb.n_failed
         check_failed_patches(emb.n_failed, len(coords), cfg.max_failed_fraction)
         attrs = dict(self.base_attrs, n_failed_patches=emb.n_failed, slide_id=slide_id, slide_path=slide_path)
+        embeddings = Embeddings(self.encoder.project(emb.features), self.projection_sha256, self.model_id)
         result.path = str(self.store.write(self.features_dir, self.model_id, slide_id, emb.features,
-                                           coords[~emb.failed], attrs, cattrs, failed_coords=coords[emb.failed]))
+                                           coords[~emb.failed], attrs, cattrs, failed_coords=coords[emb.failed],
+                                           embeddings=embeddings))
         result.status = "ok"
         if emb.n_failed:
             result.reason = f"{emb.n_failed} of {len(coords)} patches unreadable, left out"

@@ -30,6 +30,7 @@ The context MLPs live in ``model.context_mlp`` (block index → ``g_b``). The na
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
 from collections.abc import Sequence
@@ -201,6 +202,12 @@ class ConVLM(nn.Module):
     def projection_matrix(self) -> torch.Tensor:
         """The image projection ``(embed_dim, proj_dim)``: ``project(x) == normalize(x @ M)``."""
         raise NotImplementedError
+
+    def projection_sha256(self) -> str:
+        """sha256 of the projection matrix (fp32, C order): ties stored embeddings to the projection
+        that made them (a fine-tuned head or other weights give another digest)."""
+        w = self.projection_matrix().detach().to("cpu", torch.float32).contiguous()
+        return hashlib.sha256(w.numpy().tobytes()).hexdigest()
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-projection features ``(B, embed_dim)`` → L2-normalised joint embeddings ``(B, proj_dim)``."""

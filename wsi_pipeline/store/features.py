@@ -8,6 +8,12 @@ Both stores hold the same arrays and attributes:
 * ``failed_coords`` (M, 2) int64 level-0 corners of the patches that could not be read (their
   tile did not decode): left out of ``features`` and ``coords``, never embedded; M >= 0, the
   dataset is always written (schema version 2);
+* ``embeddings`` (N, P) float16, optional: the same patches projected into the joint
+  image-text space and L2-normalised by the model that embedded them, so that ``classify``
+  scores without reading or projecting ``features`` (which stay pre-projection and untouched).
+  Its attributes tie it to that projection: ``projection_sha256`` (sha256 of the projection
+  matrix, see :meth:`~wsi_pipeline.model.convlm.ConVLM.projection_sha256`) and ``model_id``;
+  :meth:`FeatureStore.read` loads it only for a matching projection (``embeddings_for``);
 * file/group attributes: provenance (model, weights sha256, refinement, context, precision,
   device, package version), ``n_failed_patches`` (= M) and ``complete=True`` (written last,
   so a file without it was never finished).
@@ -30,7 +36,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,9 @@ FEATURES_SCHEMA_VERSION = 2
 #: Version 1: no ``failed_coords``; unreadable patches were embedded as white patches.
 LEGACY_SCHEMA_VERSION = 1
 FAILED_COORDS = "failed_coords"
+EMBEDDINGS = "embeddings"
+#: Feature rows read beside the embeddings, to check them against the model (see ``read``).
+PROBE_ROWS = 4
 
 
 def _h5able(value: Any) -> Any:
@@ -59,13 +68,21 @@ def _h5able(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class SlideFeatures:
-    """One slide's stored features; ``failed_coords`` is ``None`` for a schema-1 file (no such dataset)."""
+    """One slide's stored features; ``failed_coords`` is ``None`` for a schema-1 file (no such dataset).
+
+    Read with ``embeddings_for`` and a matching ``embeddings`` dataset, ``features`` holds only
+    the first :data:`PROBE_ROWS` rows (to check the embeddings against the model) and
+    ``embeddings`` the projected rows; otherwise ``features`` holds every row and
+    ``embeddings`` is ``None``.
+    """
 
     features: np.ndarray
     coords: np.ndarray
     attrs: dict[str, Any]
     coords_attrs: dict[str, Any]
     failed_coords: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
+    embeddings_attrs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_left_out(self) -> int:
@@ -108,6 +125,18 @@ def _h5_path(root: Path, model_id: str, slide_id: str) -> Path:
     return root / model_id / f"{slide_id}.h5"
 
 
+@dataclass(frozen=True)
+class Embeddings:
+    """Projected, L2-normalised patch embeddings ``(N, P)`` and what ties them to their projection."""
+
+    values: np.ndarray
+    projection_sha256: str
+    model_id: str
+
+    def attrs(self) -> dict[str, Any]:
+        return {"projection_sha256": self.projection_sha256, "model_id": self.model_id, "normalized": True}
+
+
 def _h5_write(
     root: Path,
     model_id: str,
@@ -117,6 +146,7 @@ def _h5_write(
     attrs: Mapping[str, Any],
     coords_attrs: Mapping[str, Any],
     failed_coords: np.ndarray | None = None,
+    embeddings: Embeddings | None = None,
 ) -> Path:
     final = _h5_path(root, model_id, slide_id)
     with atomic_path(final) as tmp:
@@ -128,6 +158,10 @@ def _h5_write(
             for k, v in coords_attrs.items():
                 c.attrs[k] = _h5able(v)
             f.create_dataset(FAILED_COORDS, data=_coords2(failed_coords))
+            if embeddings is not None:
+                e = f.create_dataset(EMBEDDINGS, data=embeddings.values.astype(np.float16, copy=False))
+                for k, v in embeddings.attrs().items():
+                    e.attrs[k] = v
             for k, v in attrs.items():
                 f.attrs[k] = _h5able(v)
             f.attrs["complete"] = True  # last: marks the file finished
@@ -135,19 +169,31 @@ def _h5_write(
     return final
 
 
-def _h5_read(root: Path, model_id: str, slide_id: str) -> SlideFeatures:
+def _read_all(dset: Any) -> np.ndarray:
+    out = np.empty(dset.shape, dset.dtype)
+    if out.size:
+        dset.read_direct(out)  # no intermediate copy (a quarter faster than dset[:])
+    return out
+
+
+def _h5_read(root: Path, model_id: str, slide_id: str, embeddings_for: str | None = None) -> SlideFeatures:
     with h5py.File(_h5_path(root, model_id, slide_id), "r") as f:
-        dset = f["features"]
-        features = np.empty(dset.shape, dset.dtype)
-        if features.size:
-            dset.read_direct(features)  # no intermediate copy (a quarter faster than dset[:])
+        e_attrs = {k: jsonable(v) for k, v in f[EMBEDDINGS].attrs.items()} if EMBEDDINGS in f else {}
+        use = _use_embeddings(e_attrs, embeddings_for)
         return SlideFeatures(
-            features=features,
+            features=f["features"][:PROBE_ROWS] if use else _read_all(f["features"]),
             coords=f["coords"][:],
             attrs={k: jsonable(v) for k, v in f.attrs.items()},
             coords_attrs={k: jsonable(v) for k, v in f["coords"].attrs.items()},
             failed_coords=f[FAILED_COORDS][:] if FAILED_COORDS in f else None,
+            embeddings=_read_all(f[EMBEDDINGS]) if use else None,
+            embeddings_attrs=e_attrs,
         )
+
+
+def _use_embeddings(e_attrs: Mapping[str, Any], embeddings_for: str | None) -> bool:
+    """Load the stored embeddings instead of the features: asked for, and made by that projection."""
+    return embeddings_for is not None and e_attrs.get("projection_sha256") == embeddings_for
 
 
 # --------------------------------------------------------------------------------- zarr
@@ -176,6 +222,7 @@ def _zarr_write(
     attrs: Mapping[str, Any],
     coords_attrs: Mapping[str, Any],
     failed_coords: np.ndarray | None = None,
+    embeddings: Embeddings | None = None,
 ) -> Path:
     import zarr
 
@@ -191,6 +238,10 @@ def _zarr_write(
         c.attrs.update({k: jsonable(v) for k, v in coords_attrs.items()})
         failed = _coords2(failed_coords)
         group.create_array(FAILED_COORDS, data=failed, chunks=(max(1, min(len(failed), 65536)), 2))
+        if embeddings is not None:
+            vals = embeddings.values.astype(np.float16, copy=False)
+            e = group.create_array(EMBEDDINGS, data=vals, chunks=(max(1, min(n, 4096)), max(vals.shape[1], 1)))
+            e.attrs.update(embeddings.attrs())
         group.attrs.update({k: jsonable(v) for k, v in attrs.items()})
         group.attrs["complete"] = True
         for p in sorted(tmp.rglob("*"), reverse=True):
@@ -207,17 +258,21 @@ def _zarr_write(
     return final
 
 
-def _zarr_read(root: Path, model_id: str, slide_id: str) -> SlideFeatures:
+def _zarr_read(root: Path, model_id: str, slide_id: str, embeddings_for: str | None = None) -> SlideFeatures:
     import zarr
 
     group = zarr.open_group(str(_zarr_path(root, model_id, slide_id)), mode="r")
     feats, crds = group["features"], group["coords"]
+    e_attrs = dict(group[EMBEDDINGS].attrs) if EMBEDDINGS in group else {}
+    use = _use_embeddings(e_attrs, embeddings_for)
     return SlideFeatures(
-        features=np.asarray(feats[...]),
+        features=np.asarray(feats[:PROBE_ROWS] if use else feats[...]),
         coords=np.asarray(crds[...]),
         attrs=dict(group.attrs),
         coords_attrs=dict(crds.attrs),
         failed_coords=np.asarray(group[FAILED_COORDS][...]) if FAILED_COORDS in group else None,
+        embeddings=np.asarray(group[EMBEDDINGS][...]) if use else None,
+        embeddings_attrs=e_attrs,
     )
 
 
@@ -229,7 +284,7 @@ class FeatureStore:
     name: str
     path: Callable[[Path, str, str], Path]
     write_fn: Callable[..., Path]
-    read_fn: Callable[[Path, str, str], SlideFeatures]
+    read_fn: Callable[..., SlideFeatures]
 
     def write(
         self,
@@ -241,13 +296,18 @@ class FeatureStore:
         attrs: Mapping[str, Any],
         coords_attrs: Mapping[str, Any],
         failed_coords: np.ndarray | None = None,
+        embeddings: Embeddings | None = None,
     ) -> Path:
-        """Write one slide atomically; ``failed_coords`` (default: none) are the unread patches left out."""
+        """Write one slide atomically; ``failed_coords`` (default: none) are the unread patches left out,
+        ``embeddings`` (optional) the projected rows of ``features``."""
         return self.write_fn(Path(features_dir), model_id, slide_id, features, coords, attrs, coords_attrs,
-                             failed_coords)
+                             failed_coords, embeddings)
 
-    def read(self, features_dir: str | os.PathLike[str], model_id: str, slide_id: str) -> SlideFeatures:
-        return self.read_fn(Path(features_dir), model_id, slide_id)
+    def read(self, features_dir: str | os.PathLike[str], model_id: str, slide_id: str, *,
+             embeddings_for: str | None = None) -> SlideFeatures:
+        """One slide. With ``embeddings_for`` (a projection's sha256) and stored embeddings made by
+        that projection, the embeddings are read instead of the features (see :class:`SlideFeatures`)."""
+        return self.read_fn(Path(features_dir), model_id, slide_id, embeddings_for)
 
     def path_for(self, features_dir: str | os.PathLike[str], model_id: str, slide_id: str) -> Path:
         return self.path(Path(features_dir), model_id, slide_id)
@@ -289,6 +349,8 @@ class FeatureStore:
             return reason
         if not np.all(np.isfinite(sf.features)):
             return "non-finite features"
+        if sf.embeddings_attrs and sf.embeddings_attrs.get("model_id") != model_id:
+            return f"embeddings written for another model setting ({sf.embeddings_attrs.get('model_id')!r})"
         return None
 
 
