@@ -435,7 +435,7 @@ def test_stored_embeddings_are_checked_and_old_files_still_score(run, slides: Pa
         f["embeddings"][:] = f["embeddings"][:][::-1]  # rows no longer match their features
     with h5py.File(dst / "s3.h5", "a") as f:
         f["embeddings"].attrs["projection_sha256"] = "0" * 64  # made by another projection: never read
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="wsi_pipeline.classify.scoring"):
         rows, _, _ = score_features(tmp_path / "features", run.model_id, ["s1", "s2", "s3"], model,
                                     [torch.as_tensor(text).float()], prompts.class_names, (10,))
     assert "s2: stored embeddings disagree" in caplog.text and "s1:" not in caplog.text
