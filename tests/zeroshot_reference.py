@@ -75,4 +75,52 @@ def read_predictions(path: Path) -> dict[str, dict[str, str]]:
         return {row["slide_id"]: row for row in csv.DictReader(f)}
 
 
-__all__ = ["FP16_COS", "class_embeddings", "normalized_pixels", "read_predictions", "slide_probabilities", "stained_rois"]
+#: A two-class prompt file for the CLI tests (JSON is YAML).
+TOY_PROMPTS = {"name": "toy", "templates": ["an image of CLASSNAME.", "CLASSNAME, H&E."],
+               "classes": {"tumour": ["carcinoma", "tumour cells"], "normal": ["benign tissue", "stroma"]}}
+
+
+def classify_rois(tmp_path: Path, model_args: Sequence[str], n: int = 3, size: int = 96, patch: int = 32,
+                  top_k: int = 3, seed: int = 0) -> tuple[Path, list[Path], dict[str, dict[str, str]]]:
+    """Run ``wsi-pipeline classify`` on ``n`` stained ROI crops with ``model_args`` and refinement off.
+
+    Returns the output folder, the ROI paths and the predictions CSV rows by slide id.
+    """
+    import json
+
+    from click.testing import CliRunner
+
+    from wsi_pipeline.cli import main
+
+    rois = stained_rois(tmp_path / "rois", n=n, size=size, seed=seed)
+    prompts = tmp_path / "toy.yaml"
+    prompts.write_text(json.dumps(TOY_PROMPTS))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["classify", str(tmp_path / "rois"), "--prompts", str(prompts), "-o", str(out),
+                                    *model_args, "--keep-rate", "1.0", "--patch-size", str(patch), "--min-tissue", "0",
+                                    "--top-k", str(top_k), "--workers", "0", "--device", "cpu", "--no-visuals"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out, rois, read_predictions(out / "predictions" / "toy.csv")
+
+
+def roi_patches(roi: Path, coords: np.ndarray, patch: int, mean: Sequence[float] = MEAN,
+                std: Sequence[float] = STD) -> torch.Tensor:
+    """The normalised ``patch``-px crops of an ROI PNG at ``coords``, ``(N, 3, patch, patch)``."""
+    from PIL import Image
+
+    img = np.asarray(Image.open(roi).convert("RGB"))
+    return torch.cat([normalized_pixels(img[y : y + patch, x : x + patch], mean, std) for x, y in coords])
+
+
+def assert_row_matches(row: dict[str, str], scores: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                       logit_scale: float) -> None:
+    """A predictions CSV row equals the reference recipe within the fp16 bound of :data:`FP16_COS`."""
+    assert row["status"] == "ok" and row["predicted"] == classes[int(np.argmax(scores))]
+    scale = float(np.exp(logit_scale))
+    for i, cls in enumerate(classes):
+        assert abs(float(row[f"score_{cls}"]) - scores[i]) <= FP16_COS
+        assert abs(float(row[f"prob_{cls}"]) - probs[i]) <= scale * FP16_COS / 2
+
+
+__all__ = ["FP16_COS", "TOY_PROMPTS", "assert_row_matches", "classify_rois", "roi_patches", "class_embeddings", "normalized_pixels", "read_predictions", "slide_probabilities", "stained_rois"]
