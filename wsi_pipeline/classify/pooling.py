@@ -238,7 +238,8 @@ def score_slide_sets(
             f"features have dim {feats.shape[1]} but their attrs say embed_dim={int(attrs['embed_dim'])}; re-run embed"
         )
     if embeddings is not None:  # already projected and normalised: one product
-        sim_all = np.asarray(embeddings, dtype=np.float32) @ weights.numpy().T
+        # torch converts float16 with F16C instructions (numpy does not: 4x slower at 10,000 x 768)
+        sim_all = (torch.from_numpy(np.ascontiguousarray(embeddings)).float() @ weights.T).numpy()
         # a NaN or inf anywhere in a row makes every similarity of that row non-finite: check the (N, C) result
         if not np.isfinite(sim_all).all():
             raise CorruptOutputError("stored embeddings contain NaN or inf values; re-run embed for this slide")
