@@ -130,7 +130,6 @@ class ConchConVLM(ConVLM):
         )
         self.coca = ConchCoCa(cfg)
         self.context_length = int(cfg["text_cfg"]["context_length"]) - 1
-        self.weights_path: str | None = None
         self._tokenizer: JsonTokenizer | None = None
 
     @property

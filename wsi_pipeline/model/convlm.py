@@ -119,8 +119,8 @@ class ConVLM(nn.Module):
         Default refinement schedule (``cfg.refine``).
     context_alpha
         Mixing weight of the context guidance.
-    weights_sha256
-        sha256 of the loaded weights file, or ``None`` for a random init.
+    weights_sha256, weights_path
+        sha256 and path of the loaded weights file, or ``None`` for a random init.
     adapter_sha256
         sha256 of the context adapter file loaded on top (``None``: none).
     full_training
@@ -160,6 +160,7 @@ class ConVLM(nn.Module):
         self.prune_layers = tuple(int(i) for i in refine["layers"])
         self.context_alpha = float(refine["alpha"])
         self.weights_sha256: str | None = None
+        self.weights_path: str | None = None
         self.adapter_sha256: str | None = None
 
     # ------------------------------------------------------------------ backbone hooks

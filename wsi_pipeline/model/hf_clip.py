@@ -282,7 +282,6 @@ class HfClipConVLM(OpenClipConVLM):
         self.mean, self.std = tuple(mean), tuple(std)
         self.folder = folder
         self.weights_file = str(weights_file)
-        self.weights_path: str | None = None
         self._tokenizer: JsonTokenizer | None = None
 
     def convert_state_dict(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -295,7 +295,7 @@ def _save(model: Any, heads: ClsRegressionHeads | None, out: Path, cfg: TrainCon
     if cfg.adapter_only:  # the base weights stay as they are: only the adapter is written
         weights_path = out / ADAPTER_FILE
         sha = save_adapter(model, weights_path, dtype=SAVE_PRECISIONS[cfg.save_precision])
-        base = {"base_weights": getattr(model, "weights_path", None), "base_weights_sha256": model.weights_sha256}
+        base = {"base_weights": model.weights_path, "base_weights_sha256": model.weights_sha256}
     else:
         to_save = model if cfg.save_precision == "fp32" else copy.deepcopy(model).to(SAVE_PRECISIONS[cfg.save_precision])
         weights_path = out / WEIGHTS_FILE
