@@ -86,6 +86,17 @@ class SlideLockedError(WsiPipelineError):
         return (type(self), (str(self), self.holder))
 
 
+def one_line(exc: BaseException, *, sentence: bool = False) -> str:
+    """The first line of ``exc``'s message (its type name when the message is empty).
+
+    ``sentence=True`` keeps only the first sentence, without its full stop: for third-party
+    messages that go on for a paragraph.
+    """
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text.split(". ")[0].rstrip(".") if sentence else text
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -100,4 +111,5 @@ __all__ = [
     "TooManyFailedPatchesError",
     "UnsupportedFormatError",
     "WsiPipelineError",
+    "one_line",
 ]

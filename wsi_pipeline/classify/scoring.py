@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, CorruptOutputError, WsiPipelineError
+from ..errors import ConfigError, CorruptOutputError, WsiPipelineError, one_line
 from ..progress import NullProgress, Progress
 from ..store.features import SlideFeatures, get_store
 from ..store.provenance import model_provenance, slide_provenance
@@ -116,9 +116,9 @@ def score_features(
                     row.visuals = on_scored(sid, scored[0], loaded)
                     timings["visuals"] += time.perf_counter() - t1
             except WsiPipelineError as e:
-                row = SlidePrediction.failed(sid, f"classify: {_one_line(e)}")
+                row = SlidePrediction.failed(sid, f"classify: {one_line(e)}")
             except (OSError, KeyError, ValueError) as e:  # unreadable / truncated feature file
-                row = SlidePrediction.failed(sid, f"classify: features unreadable ({type(e).__name__}: {_one_line(e)}); "
+                row = SlidePrediction.failed(sid, f"classify: features unreadable ({type(e).__name__}: {one_line(e)}); "
                                              "re-run embed")
             if row.status == "failed":
                 _logger.error("%s: %s", sid, row.reason)
@@ -201,11 +201,6 @@ def _prefetched(ids: Sequence[str], read: Callable[[str], SlideFeatures]) -> Ite
 def _status(out: str | os.PathLike[str] | None, row: SlidePrediction, seconds: float) -> None:
     if out is not None:
         append_status(out, StatusRow(row.slide_id, STAGE, row.status, row.reason, row.n_patches, seconds))
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 __all__ = ["OnScored", "check_no_blank_patches", "score_features"]

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import TilingConfig
-from ..errors import ConfigError, SlideError, WsiPipelineError
+from ..errors import ConfigError, SlideError, WsiPipelineError, one_line
 from ..progress import Progress
 from ..runtime.executor import Executor, RuntimeConfig, make_executor
 from ..runtime.locks import LOCKED_REASON_PREFIX
@@ -297,7 +297,7 @@ def _on_scored_callback(out: Path, prompts_name: str, slides_dir: str | None, vi
         try:
             write_scores_geojson(out, prompts_name, sid, scores, sf)
         except (OSError, ValueError, KeyError, WsiPipelineError) as e:
-            _logger.warning("%s: patch scores GeoJSON not written (%s: %s)", sid, type(e).__name__, _one_line(e))
+            _logger.warning("%s: patch scores GeoJSON not written (%s: %s)", sid, type(e).__name__, one_line(e))
         if not visuals:
             return {}
         try:
@@ -308,7 +308,7 @@ def _on_scored_callback(out: Path, prompts_name: str, slides_dir: str | None, vi
         try:
             return write_slide_visuals(out, prompts_name, sid, scores, sf, slide_path)
         except (OSError, ValueError, KeyError, WsiPipelineError) as e:
-            _logger.warning("%s: visuals not written (%s: %s)", sid, type(e).__name__, _one_line(e))
+            _logger.warning("%s: visuals not written (%s: %s)", sid, type(e).__name__, one_line(e))
             return {}
 
     return on_scored
@@ -357,11 +357,6 @@ def _provenance(prompts: PromptSet, prompts_path: Any, ks: Sequence[int], embed:
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 __all__ = ["STAGE", "ClassifySummary", "classify_slides", "resolve_ks", "score_features"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import ConfigError, WsiPipelineError
+from ..errors import ConfigError, WsiPipelineError, one_line
 from ..store.atomic import ensure_writable_dir
 from .clam import ClamExporter
 from .source import SlideSource, coords_files, load_slide, pick_feature_set
@@ -101,16 +101,11 @@ def export_outputs(out_dir: str | os.PathLike[str], to: str, dest: str | os.Path
             written = exporter.export_slide(src, target)
             result = ExportResult(sid, "ok", n_patches=len(src.coords), files=tuple(str(p) for p in written))
         except WsiPipelineError as e:
-            result = ExportResult(sid, "failed", _one_line(e))
+            result = ExportResult(sid, "failed", one_line(e))
             _logger.error("%s: %s", sid, result.reason)
         summary.results.append(result)
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 __all__ = ["EXPORTERS", "ExportResult", "ExportSummary", "Exporter", "export_outputs", "exporter_names",

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, one_line
 from ..store.atomic import atomic_path, atomic_write_text
 
 _logger = logging.getLogger(__name__)
@@ -131,9 +131,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(
-                f"weights file {path} is truncated or corrupt ({_first_line(e)}); re-export or re-download it"
-            ) from e
+            raise _corrupt(path, e) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -142,14 +140,15 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 f"weights file {path} contains pickled objects other than tensors and is refused as unsafe; "
                 "re-save its state_dict only"
             ) from e
-        raise CheckpointError(
-            f"weights file {path} is truncated or corrupt ({_first_line(e)}); re-export or re-download it"
-        ) from e
+        raise _corrupt(path, e) from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error) as e:
-        raise CheckpointError(
-            f"weights file {path} is truncated or corrupt ({_first_line(e)}); re-export or re-download it"
-        ) from e
+        raise _corrupt(path, e) from e
     return _unnest(obj, path)
+
+
+def _corrupt(path: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"weights file {path} is truncated or corrupt ({one_line(e, sentence=True)}); "
+                           "re-export or re-download it")
 
 
 def check_state_dict(module: nn.Module, state: Mapping[str, Any], path: Path | str, name: str) -> None:
@@ -228,13 +227,6 @@ def _check_sidecar(model: nn.Module, path: Path, digest: str) -> None:
         raise CheckpointError(
             f"weights file {path} was saved for model {meta['name']}, not {name}; pick the matching model"
         )
-
-
-def _first_line(e: BaseException) -> str:
-    """First sentence of an exception message (library messages can be long)."""
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else type(e).__name__
-    return text.split(". ")[0].rstrip(".")
 
 
 __all__ = [

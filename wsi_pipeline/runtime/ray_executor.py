@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError, WsiPipelineError
+from ..errors import ConfigError, WsiPipelineError, one_line
 from ..progress import NullProgress, Progress
 from .executor import Executor, RuntimeConfig, WorkerSpec, status_of
 from .locks import this_host
@@ -38,11 +38,6 @@ def import_ray() -> Any:
     return ray
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 class _ActorShell:
     """Holds one worker inside a Ray actor; a start-up error is kept and handed to the driver."""
 
@@ -54,7 +49,7 @@ class _ActorShell:
         except WsiPipelineError as e:  # e.g. a bad checkpoint: the driver re-raises it as is
             self.error = e
         except Exception as e:  # unexpected: keep one line, never an unpicklable object
-            self.error = RuntimeError(f"Ray worker failed to start: {type(e).__name__}: {_first_line(e)}")
+            self.error = RuntimeError(f"Ray worker failed to start: {type(e).__name__}: {one_line(e)}")
 
     def ready(self) -> tuple[str, BaseException | None]:
         return f"{this_host()}:{os.getpid()}", self.error
@@ -87,7 +82,7 @@ class RayExecutor(Executor):
                 ray.init(num_cpus=self.runtime.ray_num_cpus, **common)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"--ray-address {address}" if address else "a local Ray"
-            raise ConfigError(f"cannot start {where}: {_first_line(e).rstrip('.')}; start the cluster with 'ray start --head' "
+            raise ConfigError(f"cannot start {where}: {one_line(e).rstrip('.')}; start the cluster with 'ray start --head' "
                               "or drop --ray-address for a local Ray") from e
         self._owns_session = True
         _logger.info("Ray: %s (%s)", address or "local session started in-process", self._resources_line())
@@ -163,10 +158,10 @@ class RayExecutor(Executor):
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as e:  # the process died (OOM, node lost, killed)
                 alive.remove(actor)
-                result = spec.on_error(items[i], f"Ray worker died: {_first_line(e)}")
+                result = spec.on_error(items[i], f"Ray worker died: {one_line(e)}")
             except ray.exceptions.RayTaskError as e:  # an unexpected exception inside the worker
                 cause = getattr(e, "cause", None) or e
-                result = spec.on_error(items[i], f"unexpected {type(cause).__name__}: {_first_line(cause)}")
+                result = spec.on_error(items[i], f"unexpected {type(cause).__name__}: {one_line(cause)}")
             results[i] = result
             status = status_of(result)
             reason = str(getattr(result, "reason", ""))
