@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate the shipped demo model ``models/convlm_demo.safetensors`` exactly.
+"""Regenerate the shipped demo model ``convlm_demo.safetensors`` exactly.
 
     python scripts/train_demo_model.py --work /tmp/convlm_demo [--install]
 
@@ -13,7 +13,8 @@
 3. Held-out evaluation: ROIs (generator seed 3 000 000) and 12 slides (seeds 2 000 000+) with
    ``configs/prompts/demo.yaml`` (held-out templates), plus the prompt-swap check;
    written to ``WORK/heldout_metrics.json``.
-4. ``--install`` copies the weights and their sidecar to ``models/``.
+4. ``--install`` copies the weights and their sidecar into the package
+   (``wsi_pipeline/resources/models/``; the card stays ``models/convlm_demo.md``).
 
 Bit-identical weights need the same torch build and CPU thread count (2).
 """
@@ -119,7 +120,7 @@ def heldout_metrics(weights: Path, work: Path) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--work", type=Path, default=Path("/tmp/convlm_demo"), help="scratch folder")
-    parser.add_argument("--install", action="store_true", help="copy the weights to models/")
+    parser.add_argument("--install", action="store_true", help="copy the weights into the package (wsi_pipeline/resources/models/)")
     parser.add_argument("--skip-eval", action="store_true", help="do not run the held-out evaluation")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "heldout_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "slide_table"}, indent=1))
     if args.install:
-        dest = ROOT / "models" / "convlm_demo.safetensors"
+        dest = ROOT / "wsi_pipeline" / "resources" / "models" / "convlm_demo.safetensors"  # package data
         shutil.copyfile(result.weights, dest)
         shutil.copyfile(result.weights.with_name(result.weights.name + ".json"), dest.with_name(dest.name + ".json"))
         print(f"installed {dest} (sha256 {result.sha256}); update models/convlm_demo.md")

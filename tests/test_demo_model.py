@@ -35,7 +35,7 @@ N_ROIS = 20  # per tumour class
 @pytest.fixture(scope="module")
 def weights() -> Path:
     path = shipped_weights("convlm_demo")
-    assert path is not None, "models/convlm_demo.safetensors is not shipped; run scripts/train_demo_model.py"
+    assert path is not None, "convlm_demo.safetensors is not shipped; run scripts/train_demo_model.py --install"
     return path
 
 

@@ -5,8 +5,8 @@
 
 The slides come from :mod:`wsi_pipeline.synthetic` with seeds that no training run used
 (see the seed ranges below); they are classified with ``configs/prompts/demo.yaml``, whose
-templates the demo model never saw, and the shipped demo model (``models/convlm_demo``),
-which was trained on synthetic tissue only.
+templates the demo model never saw, and the shipped demo model ``convlm_demo`` (card:
+``models/convlm_demo.md``), which was trained on synthetic tissue only.
 
 Seed ranges (documented in ``models/convlm_demo.md``):
 
@@ -37,15 +37,16 @@ TRAIN_ROI_SEED = 0
 #: Demo slide size (width, height) at 0.5 µm/px: ~1.5 × 1.2 mm, about 60-80 tissue patches of 256 px.
 DEMO_SLIDE_SIZE = (3072, 2304)
 DEMO_MODEL = "convlm_demo"
-#: ``configs/prompts/`` of the repository (source checkout / editable install).
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "configs" / "prompts"
 
 
 def demo_prompts_path() -> Path:
-    """``configs/prompts/demo.yaml`` of the repository; :class:`ConfigError` when it is not there."""
-    path = PROMPTS_DIR / "demo.yaml"
-    if not path.is_file():
-        raise ConfigError(f"demo prompt file {path} not found; pass prompts= with the path to demo.yaml")
+    """The shipped prompt file ``demo`` (``configs/prompts/demo.yaml`` in a checkout)."""
+    from .resources import shipped_dir, shipped_file
+
+    path = shipped_file("prompts", "demo")
+    if path is None:
+        raise ConfigError(f"the shipped prompt file demo.yaml is missing from {shipped_dir('prompts')}; "
+                          "reinstall wsi-pipeline or pass prompts=")
     return path
 
 
@@ -143,6 +144,7 @@ def run_demo(
     from .classify.stage import classify_slides
     from .embed.runner import EmbedConfig
     from .model import shipped_notice, shipped_weights
+    from .model.shipped import models_dirs
     from .synthetic import TUMOUR_CLASSES, write_slide_set
 
     t0 = time.perf_counter()
@@ -154,8 +156,9 @@ def run_demo(
     if weights is None:
         found = shipped_weights(model)
         if found is None:
-            raise CheckpointError(f"no shipped weights for {model} (models/{model}.safetensors); "
-                                  "run scripts/train_demo_model.sh or pass weights=")
+            raise CheckpointError(f"no shipped weights for {model} ({model}.safetensors in "
+                                  f"{', '.join(map(str, models_dirs()))}); reinstall wsi-pipeline, pass weights= (--weights), "
+                                  "or retrain it with scripts/train_demo_model.py --install")
         weights_path = found
         notice = shipped_notice(model)
     else:

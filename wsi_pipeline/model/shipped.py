@@ -1,9 +1,10 @@
-"""Weights shipped with the project (``models/<name>.safetensors``) and their notices.
+"""Weights shipped with the package (``wsi_pipeline/resources/models/<name>.safetensors``) and their notices.
 
 ``create_model(name)`` without weights always means a random init; callers that want the
 shipped weights ask :func:`shipped_weights` for the file. It looks in the folders of
-``$WSI_PIPELINE_MODELS`` (``os.pathsep``-separated) first, then in the repository's
-``models/`` folder.
+``$WSI_PIPELINE_MODELS`` (``os.pathsep``-separated) first, then in the package's own
+``resources/models/`` (package data: present in a wheel install as in a checkout). The model
+cards stay in the repository's ``models/<name>.md``.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..resources import shipped_dir
+
 MODELS_ENV = "WSI_PIPELINE_MODELS"
-#: The repository's ``models/`` folder (exists in a source checkout / editable install).
-REPO_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+#: The package's own folder of shipped weights.
+SHIPPED_MODELS_DIR = shipped_dir("models")
 
 #: One-line warnings shown whenever shipped weights with caveats are used.
 SHIPPED_NOTICES: dict[str, str] = {
     "convlm_demo": (
         "convlm_demo was trained on synthetic H&E-like tissue only: a demo model, not for real slides "
-        "or clinical use (see models/convlm_demo.md)"
+        "or clinical use (model card: models/convlm_demo.md in the source repository)"
     ),
 }
 
@@ -27,7 +30,7 @@ SHIPPED_NOTICES: dict[str, str] = {
 def models_dirs() -> list[Path]:
     """Folders searched for shipped weights, in order."""
     env = [Path(p) for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p.strip()]
-    return [*env, REPO_MODELS_DIR]
+    return [*env, SHIPPED_MODELS_DIR]
 
 
 def shipped_weights(name: str) -> Path | None:
@@ -44,4 +47,4 @@ def shipped_notice(name: str) -> str | None:
     return SHIPPED_NOTICES.get(name)
 
 
-__all__ = ["MODELS_ENV", "REPO_MODELS_DIR", "SHIPPED_NOTICES", "models_dirs", "shipped_notice", "shipped_weights"]
+__all__ = ["MODELS_ENV", "SHIPPED_MODELS_DIR", "SHIPPED_NOTICES", "models_dirs", "shipped_notice", "shipped_weights"]
