@@ -156,3 +156,55 @@ def test_version_and_help() -> None:
     assert _run("--version").exit_code == 0
     r = _run("tile", "--help")
     assert "--target-mpp" in r.stdout and "--min-hole-area" in r.stdout and "--mpp-csv" in r.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["embed"], "error: Missing argument 'OUT'"),
+    (["tile", "x.svs"], "error: Missing option '-o' / '--out'"),
+    (["embed", ".", "--precision", "fp64"], "error: Invalid value for '--precision': 'fp64' is not one of"),
+    (["tile", "x.svs", "-o", "o", "--patch-size", "big"], "error: Invalid value for '--patch-size': 'big'"),
+    (["tile", "x.svs", "-o", "o", "--frobnicate"], "error: No such option '--frobnicate'"),
+    (["tiles"], "error: No such command 'tiles'"),
+])
+def test_click_usage_errors_are_one_line_exit_2(args: list[str], match: str) -> None:
+    r = _run(*args)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(match), r.stderr
+
+
+def test_ctrl_c_exits_130_with_one_line(slide_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsi_pipeline.tiling.stage
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wsi_pipeline.tiling.stage, "tile_slides", interrupted)
+    r = _run("tile", str(slide_dir / "a.tif"), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 130 and r.stderr.strip().splitlines() == ["error: interrupted"], r.output
+
+
+def test_sigint_to_a_running_cli_exits_130_with_one_line(slide_dir: Path, tmp_path: Path) -> None:
+    """A real Ctrl-C (SIGINT) while a slide is being tiled, in a separate process."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "import wsi_pipeline.tiling.stage as stage\n"
+        "def slow(*args, **kwargs):\n"
+        "    print('working', flush=True)\n"
+        "    time.sleep(60)\n"
+        "stage.tile_slides = slow\n"
+        "from wsi_pipeline.cli import main\n"
+        "main(sys.argv[1:], prog_name='wsi-pipeline')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, "tile", str(slide_dir / "a.tif"), "-o", str(tmp_path / "o")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "working\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted"], err

@@ -1,26 +1,36 @@
 """``wsi-pipeline`` command line: one thin function per verb, heavy imports inside.
 
 Exit codes: 0 every slide ok (or skipped), 1 at least one slide failed, 2 usage error
-(bad option, bad config, no inputs, duplicate slide ids, unwritable output folder).
-Logging is configured here and only here: one line per problem, tracebacks only with -v.
+(bad option, bad config, no inputs, duplicate slide ids, unwritable output folder), 130
+interrupted (Ctrl-C). Every error is one ``error: ...`` line on stderr, click's own usage
+errors included. Logging is configured here and only here: one line per problem,
+tracebacks only with -v.
+
+``tile``, ``embed`` and ``classify`` file their options under sections (``--help`` lists
+them by stage) and take ``--config run.yaml``, a run config holding options of any stage
+(:mod:`wsi_pipeline.runconfig`): flags win over the file, the file wins over the defaults.
+Each writes the effective options to ``OUT/run_config.yaml``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
+from .resources import shipped_names
+from .runtime.options import RUNTIME_OPTIONS
 from .runtime.options import runtime_config as _runtime_config
-from .runtime.options import runtime_options
 
 #: ``tile`` options that are TilingConfig fields (a --config preset may set them too).
 _TILING_PARAMS = ("backend", "target_mpp", "mag", "patch_size", "overlap", "min_tissue", "seg_level_mpp",
@@ -108,6 +118,174 @@ def _die(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+# -- option sections ----------------------------------------------------------------------
+IO, TILING, EMBEDDING, RUNTIME, CLASSIFICATION, VERBOSITY = (
+    "Input and output", "Tiling", "Embedding", "Runtime", "Classification", "Verbosity and help")
+#: Options that are actions or the config itself, not settings: not written to run_config.yaml.
+_NOT_WRITTEN = ("config", "overwrite", "verbose", "quiet", "help", "shard")
+
+
+def section(title: str, *decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Apply click options/arguments and file them under ``title`` (``--help`` and run_config.yaml)."""
+
+    def decorate(f: Any) -> Any:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        for param in f.__click_params__[-len(decorators):]:
+            param.section = title
+        return f
+
+    return decorate
+
+
+def _section_of(param: click.Parameter) -> str | None:
+    return getattr(param, "section", None)
+
+
+def _config_key(param: click.Parameter) -> str:
+    """The run-config key of a parameter: its long flag (``--out`` → ``out``) or the argument's name."""
+    longs = [o for o in param.opts if o.startswith("--")] if isinstance(param, click.Option) else []
+    return longs[0][2:].replace("-", "_") if longs else str(param.name)
+
+
+class SectionedCommand(click.Command):
+    """A verb whose ``--help`` lists its options under section titles, in the order they first appear."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        help_option = self.get_help_option(ctx)
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record is None:  # arguments are named in the usage line and the description
+                continue
+            title = _section_of(param) or (next(reversed(groups), "Options") if param is help_option
+                                           else "Other options")
+            groups.setdefault(title, []).append(record)
+        for title, records in groups.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
+
+
+class _Cli(click.Group):
+    """The ``wsi-pipeline`` group: every error one ``error: ...`` line (usage errors exit 2), Ctrl-C exits 130."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort outside standalone mode
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"error: {' '.join(e.format_message().split()).rstrip('.')}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+# -- run config ---------------------------------------------------------------------------
+_RANK = {ParameterSource.DEFAULT: 0, ParameterSource.DEFAULT_MAP: 1}  # flags and env: 2
+_TILING_EXTRA = "wsi_pipeline.tiling_extra"
+
+
+def _tiling_fields() -> set[str]:
+    from .config import TilingConfig
+
+    return {f.name for f in dataclasses.fields(TilingConfig)}
+
+
+def _key_sections() -> dict[str, str]:
+    """Every run-config key of ``tile``, ``embed`` and ``classify`` → its section."""
+    keys = dict.fromkeys(_tiling_fields(), TILING)
+    for verb in (tile, embed, classify):
+        for param in verb.params:
+            if _section_of(param) is not None:
+                keys.setdefault(_config_key(param), _section_of(param))  # type: ignore[arg-type]
+    return keys
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--config``: the file's options become this command's defaults (flags still win).
+
+    Keys of this command go to ``ctx.default_map`` (checked by their click types here, so that
+    an error names the file); tiling settings without a flag are kept for :func:`_tiling_config`;
+    keys of the other verbs are accepted and unused; unknown keys are refused.
+    """
+    if value is None or ctx.resilient_parsing:
+        return
+    from .config import TilingConfig
+    from .errors import WsiPipelineError
+    from .runconfig import read_run_config
+
+    try:
+        path, values = read_run_config(value, known=set(_key_sections()) - {"config", "help"})
+    except WsiPipelineError as e:
+        raise click.UsageError(str(e)) from None
+    params = {_config_key(p): p for p in ctx.command.params}
+    defaults: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, v in values.items():
+        if key in params:
+            try:
+                params[key].type_cast_value(ctx, v)
+            except click.BadParameter as e:
+                raise click.UsageError(f"config {path}: {key}: {e.message}") from None
+            defaults[str(params[key].name)] = v
+        elif key in _tiling_fields() and "target_mpp" in params:
+            extra[key] = v
+    try:
+        TilingConfig().merge(extra)  # checked here, so that the error names the file
+    except WsiPipelineError as e:
+        raise click.UsageError(f"config {path}: {e}") from None
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta[_TILING_EXTRA] = extra
+
+
+config_option = click.option(
+    "--config", "config_file", metavar="FILE|NAME", is_eager=True, expose_value=False, callback=_load_config,
+    help=f"Run config (YAML; options of any stage, e.g. OUT/run_config.yaml) or a shipped tiling preset "
+         f"({', '.join(shipped_names('tiling'))}). Flags win over the file, the file over the defaults.")
+
+
+def _plain(key: str, value: Any) -> Any:
+    """A parameter value as written to run_config.yaml: tuples as lists, existing paths absolute, ``out: .``."""
+    from .runconfig import PATH_KEYS
+
+    if isinstance(value, (tuple, list)):
+        return [_plain(key, v) for v in value]
+    if key == "out":
+        return "."  # the folder that holds run_config.yaml
+    if key not in PATH_KEYS or not isinstance(value, str):
+        return value
+    at, path = ("@", value[1:]) if value.startswith("@") else ("", value)
+    return at + os.path.abspath(path) if os.path.exists(path) else value
+
+
+def _write_run_config(ctx: click.Context, out_dir: str, tiling: Any = None) -> None:
+    """``OUT/run_config.yaml``: this verb's effective options over the keys an earlier verb wrote there."""
+    from .runconfig import read_written_config, write_run_config
+
+    key_sections = _key_sections()
+    values = {k: v for k, v in read_written_config(out_dir).items() if k in key_sections}
+    for param in ctx.command.params:
+        key = _config_key(param)
+        if _section_of(param) is not None and key not in _NOT_WRITTEN and param.name in ctx.params:
+            values[key] = _plain(key, ctx.params[param.name])
+    if tiling is not None:
+        values.pop("mag", None)  # resolved into target_mpp
+        values.update({k: _plain(k, v) for k, v in dataclasses.asdict(tiling).items()})
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if key not in _NOT_WRITTEN:
+            sections.setdefault(key_sections[key], {})[key] = value
+    order = (IO, TILING, EMBEDDING, RUNTIME, CLASSIFICATION, VERBOSITY)
+    verb = ctx.info_name or str(ctx.command.name)
+    header = (f"wsi-pipeline {__version__}: the options of the last run in this folder (flags > --config > "
+              f"defaults).\nRepeat it: wsi-pipeline {verb} --config <this file>  (-o DIR: into another folder)")
+    write_run_config(out_dir, {t: sections[t] for t in order if t in sections}, header)
+
+
 # -- inputs -------------------------------------------------------------------------------
 def _collect(inputs: Iterable[str], list_file: str | None, recursive: bool) -> list[str]:
     """INPUTS plus ``--list`` expanded (folders, ``@list.txt``) into slide paths."""
@@ -117,27 +295,37 @@ def _collect(inputs: Iterable[str], list_file: str | None, recursive: bool) -> l
     return [str(p) for p in collect_inputs(items, recursive=recursive)]
 
 
-def _tiling_config(ctx: click.Context, config_file: str | None, params: dict[str, Any]) -> Any:
-    """Preset (if any) overridden by the flags that were given explicitly."""
+def _tiling_config(ctx: click.Context, params: dict[str, Any]) -> Any:
+    """Defaults, then the run config (``--config``), then the flags given explicitly."""
     from .config import TilingConfig
+    from .errors import ConfigError
 
-    base = TilingConfig.from_yaml(config_file) if config_file else TilingConfig()
-    explicit = {
-        name: value
-        for name, value in params.items()
-        if name in _TILING_PARAMS
-        and ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
-                                               click.core.ParameterSource.ENVIRONMENT)
-    }
-    if "mag" in explicit and "target_mpp" in explicit:
-        raise click.UsageError("give either --target-mpp or --mag, not both")
-    return base.merge(explicit)  # "mag" becomes target_mpp = 10 / mag
+    values = {name: params[name] for name in _TILING_PARAMS}
+    mag = values.pop("mag")
+    if mag is not None:
+        rank_mag, rank_mpp = (_RANK.get(ctx.get_parameter_source(n), 2) for n in ("mag", "target_mpp"))  # type: ignore[arg-type]
+        if rank_mag == rank_mpp:
+            raise ConfigError("give either --target-mpp or --mag, not both")
+        if rank_mag > rank_mpp:
+            del values["target_mpp"]
+            values["mag"] = mag  # merge() turns it into target_mpp = 10 / mag
+    return TilingConfig().merge(ctx.meta.get(_TILING_EXTRA, {})).merge(values)
+
+
+def _resolve(kind: str, value: str, flag: str) -> str:
+    """A path as given, or the shipped file named ``value`` (``--prompts demo``)."""
+    from .resources import resolve
+
+    return str(resolve(kind, value, flag))
 
 
 def verbosity_options(f: Any) -> Any:
     """``-v/--verbose`` and ``-q/--quiet``, accepted before or after the verb."""
-    f = click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bar.")(f)
-    return click.option("-v", "--verbose", count=True, help="More detail (-v: debug log with tracebacks).")(f)
+    return section(
+        VERBOSITY,
+        click.option("-v", "--verbose", count=True, help="More detail (-v: debug log with tracebacks)."),
+        click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bar."),
+    )(f)
 
 
 def _verbosity(ctx: click.Context, verbose: int, quiet: bool) -> bool:
@@ -149,6 +337,18 @@ def _verbosity(ctx: click.Context, verbose: int, quiet: bool) -> bool:
         _configure_logging(obj["verbose"], obj["quiet"])
     return obj["quiet"]
 
+
+def _slide_io(outputs: str) -> list[Callable[[Any], Any]]:
+    """INPUTS, ``-o``, ``--list``, ``--recursive`` and ``--config`` of the verbs that take slides."""
+    return [
+        click.argument("inputs", nargs=-1),
+        click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                     help=f"Output folder ({outputs})."),
+        click.option("--list", "list_file", type=click.Path(dir_okay=False),
+                     help="Text file with one slide path per line."),
+        click.option("--recursive", is_flag=True, help="Descend into sub-folders of folder inputs."),
+        config_option,
+    ]
 
 _TILING_OPTIONS = [
     click.option("--backend", default="auto", show_default=True, help="Slide reader: auto, openslide, tiffslide, image."),
@@ -172,14 +372,6 @@ _TILING_OPTIONS = [
 ]
 
 
-def tiling_options(f: Any) -> Any:
-    """The ``tile`` options (TilingConfig fields); ``classify`` reuses them."""
-    for option in reversed(_TILING_OPTIONS):
-        f = option(f)
-    return f
-
-
-
 def _store_names() -> list[str]:
     from .store.features import store_names
 
@@ -192,11 +384,11 @@ def _default_workers() -> int:
 
 _EMBED_OPTIONS = [
     click.option("--model", default="convlm_demo", show_default=True,
-                 help="Registered model (conch_v1, hf_clip, convlm_*), or open_clip:<arch> (see models/); "
+                 help="Registered model (conch_v1, hf_clip, convlm_*), or open_clip:<arch> (cards: models/); "
                       "convlm_demo is a demo trained on synthetic tissue."),
     click.option("--weights", type=click.Path(exists=True),
                  help="Local weights (.safetensors, or a torch checkpoint read with weights_only=True; for hf_clip "
-                      "the model folder) [the weights shipped in models/, if any]."),
+                      "the model folder) [the model's shipped weights, if any]."),
     click.option("--adapter", type=click.Path(dir_okay=False, exists=True),
                  help="Context adapter (adapter.safetensors from 'train --adapter-only') trained on these weights."),
     click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
@@ -209,7 +401,7 @@ _EMBED_OPTIONS = [
                  help="Token keep rate at refining blocks (1.0: no refinement) [model default]."),
     click.option("--prune-layers", default=None, help="Refining blocks, 0-based, e.g. 3,6,9 [model default]."),
     click.option("--context", "context", default=None,
-                 help="Prompt file whose classes give the context vector, or 'none'."),
+                 help="Prompt file (or shipped name) whose classes give the context vector, or 'none'."),
     click.option("--store", type=click.Choice(_store_names()), default="h5", show_default=True),
     click.option("--slides", "slides_dir", type=click.Path(file_okay=False, exists=True),
                  help="Folder holding the slides, when they moved since tiling."),
@@ -217,12 +409,16 @@ _EMBED_OPTIONS = [
                  help="Edge of one batched read at the read level (px)."),
 ]
 
-
-def embed_options(f: Any) -> Any:
-    """The ``embed`` options (EmbedConfig fields); ``classify`` reuses them."""
-    for option in reversed(_EMBED_OPTIONS):
-        f = option(f)
-    return f
+_CLASSIFY_OPTIONS = [
+    click.option("--prompts", "prompts_path", required=True, metavar="FILE|NAME",
+                 help=f"Prompt file (YAML, or CONCH/MI-Zero JSON) or a shipped one "
+                      f"({', '.join(shipped_names('prompts'))})."),
+    click.option("--top-k", type=click.IntRange(min=1), default=None, help="K of top-K pooling [prompt file, else 50]."),
+    click.option("--labels", type=click.Path(dir_okay=False, exists=True), help="CSV slide_id,label: adds metrics."),
+    click.option("--prompt-sets", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="MI-Zero robustness: N random single-synonym prompt sets (needs --labels)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompt-set sampling."),
+]
 
 
 def _block_indices(value: str | None, flag: str) -> tuple[int, ...] | None:
@@ -246,14 +442,14 @@ def _embed_config(params: dict[str, Any], overwrite: bool = False) -> Any:
         model=params["model"], weights=params.get("weights"), batch_size=params["batch_size"],
         workers=params["workers"], device=params["device"], precision=params["precision"],
         keep_rate=params.get("keep_rate"), prune_layers=layers,
-        context=None if context in (None, "none") else context, adapter=params.get("adapter"),
-        store=params["store"],
+        context=None if context in (None, "none") else _resolve("prompts", context, "--context"),
+        adapter=params.get("adapter"), store=params["store"],
         slides_dir=params.get("slides_dir"), region_size=params["region_size"], overwrite=overwrite,
     )
 
 
 # -- verbs --------------------------------------------------------------------------------
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsi-pipeline")
 @verbosity_options
 @click.pass_context
@@ -263,21 +459,15 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     ctx.obj = {"verbose": verbose, "quiet": quiet}
 
 
-@main.command()
-@click.argument("inputs", nargs=-1)
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-                 help="Output folder (coords/, thumbnails/, tissue/, status.csv).")
-@click.option("--list", "list_file", type=click.Path(dir_okay=False), help="Text file with one slide path per line.")
-@click.option("--recursive", is_flag=True, help="Descend into sub-folders of folder inputs.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                 help="YAML preset (configs/tiling/*.yaml); flags given here win.")
-@tiling_options
-@runtime_options
-@click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist and validate.")
+@main.command(cls=SectionedCommand)
+@section(IO, *_slide_io("coords/, thumbnails/, tissue/, status.csv, run_config.yaml"),
+         click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist and validate."))
+@section(TILING, *_TILING_OPTIONS)
+@section(RUNTIME, *RUNTIME_OPTIONS)
 @verbosity_options
 @click.pass_context
 def tile(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, list_file: str | None, recursive: bool,
-         config_file: str | None, overwrite: bool, verbose: int, quiet: bool, **params: Any) -> None:
+         overwrite: bool, verbose: int, quiet: bool, **params: Any) -> None:
     """Segment tissue and write patch coordinates for INPUTS (slides, folders or @list.txt)."""
     from .errors import WsiPipelineError
     from .tiling.stage import tile_slides
@@ -285,12 +475,13 @@ def tile(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, list_file: s
     t0 = time.perf_counter()
     quiet = _verbosity(ctx, verbose, quiet)
     try:
-        config = _tiling_config(ctx, config_file, params)
+        config = _tiling_config(ctx, params)
         runtime = _runtime_config(params)
         slides = _collect(inputs, list_file, recursive)
         # raises before any work: duplicate ids, unknown backend, bad mpp CSV, unwritable -o
         results = tile_slides(slides, out_dir, config, overwrite=overwrite,
                               progress=None if quiet else _TqdmProgress("tile"), runtime=runtime)
+        _write_run_config(ctx, out_dir, tiling=config)
     except WsiPipelineError as e:
         _die(str(e))
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
@@ -334,15 +525,17 @@ def info(ctx: click.Context, slide: str, backend: str, as_json: bool, verbose: i
         click.echo(f"{key.ljust(width)}  {value}")
 
 
-@main.command()
-@click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
-@embed_options
-@runtime_options
-@click.option("--overwrite", is_flag=True, help="Redo slides whose features exist and validate.")
+@main.command(cls=SectionedCommand)
+@section(IO,
+         click.argument("out", type=click.Path(file_okay=False, exists=True)),
+         config_option,
+         click.option("--overwrite", is_flag=True, help="Redo slides whose features exist and validate."))
+@section(EMBEDDING, *_EMBED_OPTIONS)
+@section(RUNTIME, *RUNTIME_OPTIONS)
 @verbosity_options
 @click.pass_context
-def embed(ctx: click.Context, out_dir: str, overwrite: bool, verbose: int, quiet: bool, **params: Any) -> None:
-    """Extract patch features for every slide tiled into OUT_DIR (out/coords/*.h5)."""
+def embed(ctx: click.Context, out: str, overwrite: bool, verbose: int, quiet: bool, **params: Any) -> None:
+    """Extract patch features for every slide tiled into OUT (OUT/coords/*.h5; or 'out' of --config)."""
     from .embed.runner import embed_slides, find_coords_files
     from .errors import WsiPipelineError
 
@@ -350,37 +543,28 @@ def embed(ctx: click.Context, out_dir: str, overwrite: bool, verbose: int, quiet
     try:
         cfg = _embed_config(params, overwrite)
         runtime = _runtime_config(params)
-        if not find_coords_files(out_dir):
-            raise WsiPipelineError(f"no coords files in {Path(out_dir) / 'coords'}; run 'wsi-pipeline tile' first")
-        summary = embed_slides(out_dir, cfg, progress=None if quiet else _TqdmProgress("embed", unit="patch"),
+        if not find_coords_files(out):
+            raise WsiPipelineError(f"no coords files in {Path(out) / 'coords'}; run 'wsi-pipeline tile' first")
+        summary = embed_slides(out, cfg, progress=None if quiet else _TqdmProgress("embed", unit="patch"),
                                runtime=runtime)
+        _write_run_config(ctx, out)
     except WsiPipelineError as e:
         _die(str(e))
-    click.echo(f"{summary.line} -> {Path(out_dir) / 'features' / summary.model_id}")
+    click.echo(f"{summary.line} -> {Path(out) / 'features' / summary.model_id}")
     ctx.exit(1 if summary.count("failed") else 0)
 
 
-@main.command()
-@click.argument("inputs", nargs=-1)
-@click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="Prompt file (YAML, or CONCH/MI-Zero JSON); see configs/prompts/.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--list", "list_file", type=click.Path(dir_okay=False), help="Text file with one slide path per line.")
-@click.option("--recursive", is_flag=True, help="Descend into sub-folders of folder inputs.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Tiling YAML preset.")
-@tiling_options
-@embed_options
-@runtime_options
-@click.option("--top-k", type=click.IntRange(min=1), default=None, help="K of top-K pooling [prompt file, else 50].")
-@click.option("--labels", type=click.Path(dir_okay=False, exists=True), help="CSV slide_id,label: adds metrics.")
-@click.option("--prompt-sets", type=click.IntRange(min=0), default=0, show_default=True,
-              help="MI-Zero robustness: N random single-synonym prompt sets (needs --labels).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompt-set sampling.")
-@click.option("--no-visuals", is_flag=True, help="Skip heatmaps, montages and report.html.")
+@main.command(cls=SectionedCommand)
+@section(IO, *_slide_io("predictions/, metrics.json, report.html, run_config.yaml, …"),
+         click.option("--no-visuals", is_flag=True, help="Skip heatmaps, montages and report.html."))
+@section(TILING, *_TILING_OPTIONS)
+@section(EMBEDDING, *_EMBED_OPTIONS)
+@section(RUNTIME, *RUNTIME_OPTIONS)
+@section(CLASSIFICATION, *_CLASSIFY_OPTIONS)
 @verbosity_options
 @click.pass_context
-def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out_dir: str, list_file: str | None,
-             recursive: bool, config_file: str | None, top_k: int | None, labels: str | None, prompt_sets: int,
+def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out_dir: str,
+             list_file: str | None, recursive: bool, top_k: int | None, labels: str | None, prompt_sets: int,
              seed: int, no_visuals: bool, verbose: int, quiet: bool, **params: Any) -> None:
     """Tile and embed INPUTS where needed, then classify them zero-shot (no INPUTS: what OUT holds)."""
     from .classify.stage import classify_slides
@@ -388,14 +572,16 @@ def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out
 
     quiet = _verbosity(ctx, verbose, quiet)
     try:
-        tiling = _tiling_config(ctx, config_file, params)
+        prompts = _resolve("prompts", prompts_path, "--prompts")
+        tiling = _tiling_config(ctx, params)
         embed = _embed_config(params)
         runtime = _runtime_config(params)
         slides = _collect(inputs, list_file, recursive) if inputs or list_file else None
-        summary = classify_slides(slides, out_dir, prompts_path, tiling=tiling, embed=embed, top_k=top_k,
+        summary = classify_slides(slides, out_dir, prompts, tiling=tiling, embed=embed, top_k=top_k,
                                   labels=labels, prompt_sets=prompt_sets, seed=seed, visuals=not no_visuals,
                                   progress=None if quiet else _TqdmProgress("classify", unit="patch"),
                                   runtime=runtime)
+        _write_run_config(ctx, out_dir, tiling=tiling)
     except WsiPipelineError as e:
         _die(str(e))
     click.echo(summary.table())
@@ -438,8 +624,8 @@ def export(ctx: click.Context, out_dir: str, to: str, dest: str, model_id: str |
 
 @main.command()
 @click.option("--data", required=True, help="ROI patches: one folder per class (ImageFolder) or a CSV path,label.")
-@click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="Class prompts (same format as classify), e.g. configs/prompts/demo_train.yaml.")
+@click.option("--prompts", "prompts_path", required=True, metavar="FILE|NAME",
+              help="Class prompts (same format as classify), or a shipped file, e.g. demo_train.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder: model.safetensors (adapter.safetensors), config.json, train_log.json/.csv.")
 @click.option("--model", default="convlm_demo", show_default=True,
@@ -488,7 +674,8 @@ def train(ctx: click.Context, data: str, prompts_path: str, out_dir: str, verbos
         if not Path(data).exists():
             raise WsiPipelineError(f"--data {data} does not exist")
         params["adapter_layers"] = _block_indices(params.get("adapter_layers"), "--adapter-layers")
-        cfg = TrainConfig(data=data, prompts=prompts_path, out_dir=out_dir, **params)
+        prompts = _resolve("prompts", prompts_path, "--prompts")
+        cfg = TrainConfig(data=data, prompts=prompts, out_dir=out_dir, **params)
         result = train_model(cfg, progress=None if quiet else TqdmTrainProgress())
     except WsiPipelineError as e:
         _die(str(e))

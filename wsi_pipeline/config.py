@@ -1,9 +1,10 @@
 """Tiling options: one frozen dataclass, loadable from a YAML preset and merged with CLI flags.
 
-A preset (``configs/tiling/*.yaml``) is a flat mapping whose keys are the field names of
-:class:`TilingConfig` (``-`` and ``_`` are interchangeable; ``mag: 20`` is accepted as an
-alias of ``target_mpp: 0.5``). Flags given on the command line win over the preset, the
-preset wins over the defaults::
+A preset (shipped in ``wsi_pipeline/resources/tiling/``, linked from ``configs/tiling/``) is a
+flat mapping whose keys are the field names of :class:`TilingConfig` (``-`` and ``_`` are
+interchangeable; ``mag: 20`` is accepted as an alias of ``target_mpp: 0.5``): a run config
+(:mod:`wsi_pipeline.runconfig`) with tiling keys only. Flags given on the command line win
+over the preset, the preset wins over the defaults::
 
     cfg = TilingConfig.from_yaml("configs/tiling/20x_256.yaml").merge({"min_tissue": 0.5})
 
@@ -224,8 +225,8 @@ def normalise_keys(options: Mapping[str, Any], *, source: str) -> dict[str, Any]
     return out
 
 
-def load_yaml_options(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a flat YAML mapping of tiling options, checking every key."""
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[Any, Any]:
+    """A config file's flat YAML mapping ``option: value`` as read (keys not checked; empty file: ``{}``)."""
     import yaml
 
     p = Path(path)
@@ -240,7 +241,12 @@ def load_yaml_options(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {p} must be a mapping of option: value, got {type(data).__name__}")
-    return normalise_keys(data, source=f"config {p}")
+    return data
+
+
+def load_yaml_options(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a flat YAML mapping of tiling options (a tiling preset), checking every key."""
+    return normalise_keys(read_yaml_mapping(path), source=f"config {Path(path)}")
 
 
 def load_mpp_csv(path: str | os.PathLike[str]) -> dict[str, float]:
@@ -345,4 +351,5 @@ __all__ = [
     "load_yaml_options",
     "mag_to_mpp",
     "normalise_keys",
+    "read_yaml_mapping",
 ]

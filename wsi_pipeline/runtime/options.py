@@ -1,7 +1,8 @@
 """Command-line options of the runtime (executor, Ray, shard, locks), shared by tile, embed and classify.
 
-Kept here so that ``cli.py`` stays a thin layer: :func:`runtime_options` decorates a click
-command, :func:`runtime_config` turns the parsed values into a :class:`RuntimeConfig`.
+Kept here so that ``cli.py`` stays a thin layer: :data:`RUNTIME_OPTIONS` are the click options
+(``cli.py`` files them under the "Runtime" section of ``--help``), :func:`runtime_config` turns
+the parsed values into a :class:`RuntimeConfig`.
 """
 
 from __future__ import annotations
@@ -29,13 +30,6 @@ RUNTIME_OPTIONS = [
 ]
 
 
-def runtime_options(f: Any) -> Any:
-    """Decorate a click command with :data:`RUNTIME_OPTIONS`."""
-    for option in reversed(RUNTIME_OPTIONS):
-        f = option(f)
-    return f
-
-
 def runtime_config(params: dict[str, Any]) -> RuntimeConfig:
     """The :class:`RuntimeConfig` of a command's parsed options; :class:`ConfigError` when they clash."""
     if params.get("executor") != "ray" and params.get("gpus_per_worker") is not None:
@@ -49,4 +43,4 @@ def runtime_config(params: dict[str, Any]) -> RuntimeConfig:
     )
 
 
-__all__ = ["RUNTIME_OPTIONS", "runtime_config", "runtime_options"]
+__all__ = ["RUNTIME_OPTIONS", "runtime_config"]
