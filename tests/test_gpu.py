@@ -1,6 +1,7 @@
 """CUDA paths against the CPU results. Skipped where no CUDA GPU is present (CI has none).
 
-Run on a GPU machine with ``HF_HUB_OFFLINE=1 python -m pytest -q tests/test_gpu.py``.
+Run on a GPU machine with ``HF_HUB_OFFLINE=1 python -m pytest -q -m gpu`` (every test here carries the
+``gpu`` marker; ``-m "not gpu"`` leaves them out).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from wsi_pipeline.store.features import get_store
 from wsi_pipeline.synthetic.render import TISSUE_CLASSES, render_roi
 from wsi_pipeline.tiling.stage import tile_slides
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(autouse=True)

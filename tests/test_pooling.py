@@ -14,6 +14,7 @@ from torch import nn
 
 from wsi_pipeline.classify.pooling import SlideScores, score_slide, topk_pool, validate_ks
 from wsi_pipeline.errors import ConfigError, CorruptOutputError
+from wsi_pipeline.model import create_model
 
 SHA = "ab" * 32
 ATTRS = {"projected": False, "normalized": False, "weights_sha256": SHA, "embed_dim": 8}
@@ -201,11 +202,7 @@ def test_bad_inputs_raise_typed_errors() -> None:
         score_slide(np.ones((3, 8), np.float32), ATTRS, model, np.eye(4)[:2], ["A", "B"])
 
 
-def test_real_test_model_if_available() -> None:
-    model_mod = pytest.importorskip("wsi_pipeline.model")
-    create_model = getattr(model_mod, "create_model", None)
-    if create_model is None:
-        pytest.skip("wsi_pipeline.model.create_model not available yet")
+def test_real_test_model() -> None:
     model = create_model("convlm_test")
     dim = int(model.embed_dim)
     feats = np.random.default_rng(0).normal(size=(20, dim)).astype(np.float32)

@@ -15,6 +15,7 @@ from torch import nn
 from wsi_pipeline.classify.prompts import load_prompts, parse_prompts
 from wsi_pipeline.classify.textclassifier import build_text_classifier, cache_path
 from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.model import create_model
 
 PROMPT_DIR = Path(__file__).resolve().parents[1] / "configs" / "prompts"
 PROMPTS = parse_prompts(
@@ -133,11 +134,7 @@ def test_random_init_model_is_not_cached(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_real_test_model_if_available() -> None:
-    model_mod = pytest.importorskip("wsi_pipeline.model")
-    create_model = getattr(model_mod, "create_model", None)
-    if create_model is None:
-        pytest.skip("wsi_pipeline.model.create_model not available yet")
+def test_real_test_model() -> None:
     model = create_model("convlm_test")
     prompts = load_prompts(PROMPT_DIR / "demo.yaml")
     w = build_text_classifier(model, prompts, batch_size=16)

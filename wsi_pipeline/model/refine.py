@@ -6,8 +6,9 @@ Conventions used throughout :mod:`wsi_pipeline.model`:
   *image tokens*. A fused token made by an earlier refining block is an ordinary image
   token from then on (it can be kept or fused again).
 * At a refining block with keep rate ``r`` the ``k = ceil(r * M)`` image tokens with the
-  highest head-averaged CLS attention are kept (``ceil`` with a 1e-9 tolerance, so that
-  ``0.7 * 10`` keeps 7 and not 8). If ``k >= M`` the block does not prune at all.
+  highest head-averaged CLS attention are kept (``ceil`` with a 1e-9 tolerance: ``0.55 * 100``
+  is 55.00000000000001 in floating point and keeps 55, not 56). If ``k >= M`` the block does
+  not prune at all.
 * Kept tokens stay in their **incoming sequence order** (the top-k indices are sorted),
   so a run is deterministic and position information stays with each token.
 * The dropped tokens are fused into one token ``sum_i a_i x_i`` appended at the end, with
