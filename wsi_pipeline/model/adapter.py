@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, one_line
 from ..store.atomic import atomic_path
 from .convlm import ContextMLP, ConVLM
 from .weights import file_sha256, sort_safetensors_metadata
@@ -146,7 +146,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[AdapterInfo, dict[str, t
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
-            f"adapter file {path} is not a safetensors file or is truncated ({str(e).splitlines()[0] if str(e) else e!r}); "
+            f"adapter file {path} is not a safetensors file or is truncated ({one_line(e)}); "
             "re-export it with 'wsi-pipeline train --adapter-only'"
         ) from e
     if meta.get("format") != ADAPTER_FORMAT:

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, one_line
 from .config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .openclip import OpenClipConVLM
 from .tokenizer import JsonTokenizer
@@ -113,7 +113,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is not readable JSON ({str(e).splitlines()[0]})") from e
+        raise ConfigError(f"{path} is not readable JSON ({one_line(e)})") from e
     if not isinstance(obj, dict):
         raise ConfigError(f"{path} must hold a JSON object, not {type(obj).__name__}")
     return obj
@@ -434,7 +434,7 @@ def _converted_tokenizer(folder: Path, length: int, pad: str) -> JsonTokenizer:
     try:
         fast = CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"vocab.json + merges.txt in {folder} cannot be read ({str(e).splitlines()[0]})") from e
+        raise CheckpointError(f"vocab.json + merges.txt in {folder} cannot be read ({one_line(e)})") from e
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / TOKENIZER_FILE
         fast.backend_tokenizer.save(str(path))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, one_line
 
 
 class JsonTokenizer:
@@ -43,7 +43,7 @@ class JsonTokenizer:
         try:
             tok = Tokenizer.from_file(str(self.path))
         except Exception as e:  # the Rust library raises a bare Exception for unreadable files
-            raise CheckpointError(f"tokenizer file {self.path} cannot be read ({str(e).splitlines()[0]})") from e
+            raise CheckpointError(f"tokenizer file {self.path} cannot be read ({one_line(e)})") from e
         self.length = int(length)
         found = tok.token_to_id(pad_token) if pad_token else None
         self.pad_id = int(pad_id if found is None else found)
