@@ -177,10 +177,12 @@ def check_state_dict(module: nn.Module, state: Mapping[str, Any], path: Path | s
 
 
 def _describe(items: list[str], what: str, prefix: str = "") -> str:
+    """``"2 shape mismatches (file vs model: a, b)"``: the count, ``what`` (plural from 2 on) and the first items."""
     if not items:
         return ""
     shown = ", ".join(items[:_SHOW]) + (", …" if len(items) > _SHOW else "")
-    return f"{len(items)} {what}{'s' if len(items) != 1 else ''} ({prefix}{shown})"
+    plural = what + ("es" if what.endswith(("s", "sh", "ch", "x")) else "s")
+    return f"{len(items)} {what if len(items) == 1 else plural} ({prefix}{shown})"
 
 
 def _unnest(obj: Any, path: Path) -> dict[str, torch.Tensor]:
