@@ -16,6 +16,7 @@ provenance under ``provenance``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -118,9 +119,16 @@ def csv_columns(class_names: Sequence[str]) -> list[str]:
 
 
 def safe_name(name: str) -> str:
-    """A file-name-safe form of a prompt-set, slide or class name (never empty)."""
+    """A file-name-safe form of a prompt-set, slide or class name (never empty), one per name.
+
+    A name made of ``A-Z a-z 0-9 . _ -`` only is kept as it is; any other is reduced to those
+    characters and gets the first 8 hex digits of its SHA-256 appended, so that two names
+    never share a file (``标本 1`` and ``切片 1`` both reduce to ``1``).
+    """
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return slug or "unnamed"
+    if slug and slug == name:
+        return slug
+    return f"{slug or 'unnamed'}_{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
 
 
 def prediction_paths(out_dir: str | os.PathLike[str], prompts_name: str) -> tuple[Path, Path]:

@@ -7,8 +7,9 @@ Layout inside the output folder (all links in ``report.html`` are relative to it
     montages/<prompts>/<slide>.png             top-K patches of the predicted class
     report.html
 
-Names are made file-system safe with :func:`~wsi_pipeline.classify.outputs.safe_name`;
-two classes that map to the same file name get a numeric suffix. A visual that cannot be
+Names are made file-system safe with :func:`~wsi_pipeline.classify.outputs.safe_name`, which
+gives two names two files (two slide ids never share a heatmap folder or a montage); two
+classes whose file names differ only in case get a numeric suffix. A visual that cannot be
 made (thumbnail missing, slide file moved) is logged and left out: it never fails a slide.
 """
 
