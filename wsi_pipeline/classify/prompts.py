@@ -15,6 +15,10 @@ A prompt file (YAML) looks like::
 The CONCH / MI-Zero JSON layout (``{"0": {"classnames": {...}, "templates": [...]}}``, class
 values a list of synonyms or one string) is accepted too. Every validation error is a
 :class:`~wsi_pipeline.errors.PromptFileError` of the form ``file:line:column: field: problem``.
+Two classes with the same synonyms (identical prompts: they would always tie) are refused like
+a synonym repeated inside one class. A file above :data:`MAX_PROMPT_FILE_BYTES`, or a JSON
+document whose top level is no prompt set (a GeoJSON passed by mistake), is refused before
+the YAML parse, which is slow on large input.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _NATIVE_KEYS = ("name", "placeholder", "templates", "classes", "top_k", "context")
 _CONCH_KEYS = ("classnames", "templates")
+#: Largest prompt file read: a few classes with synonyms and templates take a few kB.
+MAX_PROMPT_FILE_BYTES = 2**20
+_GEOJSON_TYPES = ("FeatureCollection", "Feature", "GeometryCollection", "Polygon", "MultiPolygon", "Point",
+                  "MultiPoint", "LineString", "MultiLineString")
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,18 +191,44 @@ def load_prompt_sets(path: str | os.PathLike[str]) -> list[PromptSet]:
     """Load every prompt set of a file (a CONCH/MI-Zero JSON may hold several)."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_PROMPT_FILE_BYTES:
+            raise PromptFileError(f"{path}: {size / 2**20:.1f} MiB is too large for a prompt file (at most "
+                                  f"{MAX_PROMPT_FILE_BYTES // 2**20} MiB of classes and templates); is it the right file?")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
         raise PromptFileError(f"{path}: prompt file not found; check the path") from e
     except (OSError, UnicodeDecodeError) as e:
         raise PromptFileError(f"{path}: cannot read prompt file as UTF-8 text: {e}") from e
+    doc: Any = None
     if path.suffix.lower() == ".json":
         try:
-            json.loads(text)
+            doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise PromptFileError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e
         text = text.replace("\t", " ")  # JSON whitespace; YAML forbids tabs as indentation
+    elif text.lstrip().startswith("{"):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None  # a YAML flow mapping, or broken: the YAML parser names the position
+    if doc is not None:
+        _check_json_shape(doc, str(path))
     return _parse(text, str(path), default_name=path.stem)
+
+
+def _check_json_shape(doc: Any, source: str) -> None:
+    """Refuse a JSON document whose top level is no prompt set (native keys or CONCH/MI-Zero
+    ``classnames`` entries) before the YAML parse, which takes minutes on megabytes."""
+    if not isinstance(doc, dict):
+        raise PromptFileError(f"{source}: <top level>: must be a mapping, got a {type(doc).__name__}")
+    conch = "classnames" in doc or (bool(doc) and all(isinstance(v, dict) and "classnames" in v for v in doc.values()))
+    unknown = [k for k in doc if k not in _NATIVE_KEYS]
+    if conch or not unknown:
+        return
+    what = f"GeoJSON ({doc['type']})" if doc.get("type") in _GEOJSON_TYPES else "no prompt file"
+    raise PromptFileError(f"{source}: {what}: top-level keys {', '.join(map(repr, unknown[:5]))}; a prompt file has "
+                          f"{', '.join(_NATIVE_KEYS)} (or CONCH/MI-Zero entries with 'classnames')")
 
 
 def parse_prompts(text: str, *, source: str = "<string>", default_name: str = "prompts") -> PromptSet:
@@ -316,6 +350,7 @@ class _Parser:
         if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null":
             raise self.error(node, where, "is empty; add at least two classes with synonyms")
         out: dict[str, tuple[str, ...]] = {}
+        by_synonyms: dict[frozenset[str], str] = {}  # identical prompts: the two classes always tie
         for cls, key_node, value in self.mapping(node, where):
             if not cls.strip():
                 raise self.error(key_node, where, "class name must not be empty")
@@ -327,6 +362,11 @@ class _Parser:
                 if placeholder in s:
                     raise self.error(item, f"{where}.{cls}[{i}]", f"synonym contains the placeholder {placeholder!r}")
             out[cls] = tuple(s for s, _ in synonyms)
+            same = by_synonyms.setdefault(frozenset(out[cls]), cls)
+            if same != cls:
+                raise self.error(key_node, f"{where}.{cls}",
+                                 f"same synonyms as class {same!r}: the two classes get identical prompts and "
+                                 "always tie; merge them or give each its own synonyms")
         if len(out) < 2:
             raise self.error(node, where, f"needs at least 2 classes, got {len(out)}")
         return out
