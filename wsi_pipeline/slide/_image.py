@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import SlideOpenError, SlideReadError, UnsupportedFormatError
 from ._mpp import TiffResolution, build_slide_info
-from ._tiff import TIFF_LIBRARIES, check_data_extent, is_tiff_file_error
+from ._tiff import TIFF_LIBRARIES, check_data_extent, is_tiff_file_error, picture_problem
 from .base import SlideInfo, raised_in, register_backend
 
 _logger = logging.getLogger(__name__)
@@ -67,8 +67,9 @@ class _TiffPixels:
         if page.dtype != np.uint8:
             raise UnsupportedFormatError(f"unsupported sample type {page.dtype}; expected 8-bit grey or RGB")
         self.axes = series.levels[0].axes
-        if self.axes not in ("YX", "YXS", "SYX"):
-            raise UnsupportedFormatError(f"unsupported TIFF axes {self.axes!r}; expected one 2-D grey or RGB image")
+        problem = picture_problem(series)
+        if problem is not None:
+            raise UnsupportedFormatError(problem)
         self._z: Any = zarr.open_array(series.aszarr(level=0), mode="r")
         shape = series.levels[0].shape
         self.height, self.width = (shape[1], shape[2]) if self.axes == "SYX" else (shape[0], shape[1])

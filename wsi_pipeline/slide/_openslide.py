@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import SlideOpenError, UnsupportedFormatError
 from ._mpp import build_slide_info
+from ._tiff import file_picture_problem
 from .base import SlideInfo, find_folder_members, is_io_error, register_backend
 
 _logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ OPENSLIDE_EXTENSIONS = frozenset(
 DICOM_FOLDER_MEMBERS = frozenset({".dcm"})
 #: The property that names a DICOM series (OpenSlide's ``dicom.*`` properties).
 DICOM_SERIES_KEY = "dicom.SeriesInstanceUID"
+
+#: OpenSlide's vendor of a plain TIFF: it reads the first page whatever its channels mean.
+GENERIC_TIFF = "generic-tiff"
 
 #: Byte positions of (R, G, B, A) inside one native-endian ARGB ``uint32``.
 _ARGB_BYTES = (2, 1, 0, 3) if sys.byteorder == "little" else (1, 2, 3, 0)
@@ -135,6 +139,10 @@ class OpenSlideBackend:
             self._slide.close()
             raise SlideOpenError(f"OpenSlide opened series {props.get(DICOM_SERIES_KEY)} from {member}, "
                                  f"not its own series {series}")
+        problem = file_picture_problem(member) if props.get("openslide.vendor") == GENERIC_TIFF else None
+        if problem is not None:  # e.g. a fluorescence OME-TIFF, which OpenSlide reads as its first channel
+            self._slide.close()
+            raise UnsupportedFormatError(problem)
         self._info = build_slide_info(path, self.name, _version(), self._slide.level_dimensions,
                                       self._slide.level_downsamples, props)
 

@@ -1,4 +1,4 @@
-"""TIFF integrity checks and the file-error test shared by the tifffile-based backends."""
+"""TIFF integrity and layout checks and the file-error test shared by the TIFF-reading backends."""
 
 from __future__ import annotations
 
@@ -13,6 +13,45 @@ from .base import LIBRARY_DATA_ERRORS, is_io_error, raised_in
 
 #: Libraries under the tifffile-based backends: a data error raised inside them is the file's.
 TIFF_LIBRARIES = ("tifffile", "tiffslide", "zarr", "numcodecs", "imagecodecs")
+#: Axes of one 2-D picture: grey (YX), interleaved samples (YXS) or planar samples (SYX).
+PICTURE_AXES = frozenset({"YX", "YXS", "SYX"})
+#: Photometric interpretations of three or four samples that are colour (RGB, RGBA).
+COLOUR_PHOTOMETRICS = frozenset({"RGB", "YCBCR"})
+_AXIS_NAMES = {"C": "channels", "S": "samples per pixel", "Z": "z planes", "T": "time points", "I": "images",
+               "Q": "planes"}
+
+
+def picture_problem(series: Any) -> str | None:
+    """Why level 0 of a tifffile ``series`` is not one 2-D grey or RGB(A) picture, or ``None``.
+
+    The message names what was found: a fluorescence OME-TIFF stores one grey page per
+    channel (axes ``CYX``), a multispectral file interleaves more samples than RGBA, a stack
+    has ``Z`` or ``T`` planes. Each would otherwise be read as a grey brightfield slide (its
+    first channel or plane).
+    """
+    level = series.levels[0]
+    axes, shape = str(level.axes), tuple(int(n) for n in level.shape)
+    samples = dict(zip(axes, shape, strict=True)).get("S", 1)
+    photometric = getattr(level.keyframe.photometric, "name", str(level.keyframe.photometric))
+    if axes in PICTURE_AXES and (samples in (1, 2) or (samples in (3, 4) and photometric in COLOUR_PHOTOMETRICS)):
+        return None
+    planes = ", ".join(f"{n} {_AXIS_NAMES.get(a, a)}" for a, n in zip(axes, shape, strict=True) if a not in "YX")
+    return (f"not a brightfield RGB image: {planes} of {level.dtype} (axes {axes}, photometric {photometric}); "
+            "a multichannel fluorescence image or a stack? wsi-pipeline reads RGB or grey slides")
+
+
+def file_picture_problem(path: str) -> str | None:
+    """:func:`picture_problem` of a TIFF file's first series (``None`` when tifffile cannot
+    parse it: the caller's reader decides about such a file)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            return picture_problem(tf.series[0]) if tf.series else None
+    except Exception as e:
+        if is_tiff_file_error(e):
+            return None
+        raise
 
 
 def check_data_extent(path: str, pages: Iterable[Any]) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import SlideReadError, UnsupportedFormatError
 from ._mpp import build_slide_info
-from ._tiff import check_data_extent, is_tiff_file_error, series_pages
+from ._tiff import check_data_extent, is_tiff_file_error, picture_problem, series_pages
 from .base import SlideBackend, SlideInfo, register_backend
 
 _logger = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ class TiffSlideBackend:
         try:
             self._axes = str(self._slide.properties["tiffslide.series-axes"])
             if self._axes not in ("YXS", "YX"):
-                raise UnsupportedFormatError(f"unsupported axes {self._axes!r}; expected a 2-D RGB or grey image")
+                raise UnsupportedFormatError(self._picture_problem()
+                                             or f"unsupported axes {self._axes!r}; expected a 2-D RGB or grey image")
             try:
                 layout = self._tile_layout(path)
             except _API_CHANGE_ERRORS as e:
@@ -196,8 +197,11 @@ class TiffSlideBackend:
     def _tile_layout(self, path: str) -> bool:
         """Check the file (sample type, truncation, codecs) and set up the tile path from
         tiffslide's internals; ``False`` when the levels are composited (no tile path then)."""
-        series = self._slide.ts_tifffile.series[int(self._slide.properties["tiffslide.series-index"])]
+        series = self._series()
         self._check_dtype(series.dtype)
+        problem = picture_problem(series)
+        if problem is not None:
+            raise UnsupportedFormatError(problem)
         pages = series_pages(series)
         check_data_extent(path, pages)
         self.codecs = frozenset(int(p.compression) for p in pages)
@@ -216,6 +220,17 @@ class TiffSlideBackend:
                 tiled = None
             self._levels.append(tiled)
         return True
+
+    def _series(self) -> Any:
+        """The tifffile series tiffslide reads (an internal: raises one of :data:`_API_CHANGE_ERRORS` if changed)."""
+        return self._slide.ts_tifffile.series[int(self._slide.properties["tiffslide.series-index"])]
+
+    def _picture_problem(self) -> str | None:
+        """:func:`~._tiff.picture_problem` of the series, or ``None`` when tiffslide's internals changed."""
+        try:
+            return picture_problem(self._series())
+        except _API_CHANGE_ERRORS:
+            return None
 
     @staticmethod
     def _check_dtype(dtype: Any) -> None:

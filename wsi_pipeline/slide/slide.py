@@ -54,7 +54,7 @@ def _probe(path: str, backend: str) -> tuple[str, SlideBackend]:
         raise UnsupportedFormatError(
             f"{path}: unsupported extension {ext or '(none)'!r} (supported: {' '.join(known)})"
         )
-    errors: list[str] = []
+    errors: dict[str, list[str]] = {}  # message -> the backends that gave it
     bug: Exception | None = None  # the first error that is no file error, raised if nothing opens
     deferred: tuple[str, SlideBackend] | None = None  # opened, but prefers the next candidate
     for spec in candidates:
@@ -62,7 +62,7 @@ def _probe(path: str, backend: str) -> tuple[str, SlideBackend]:
             handle = spec.factory(path)
         except Exception as e:
             if _is_file_error(spec, e):
-                errors.append(f"{spec.name}: {_one_line(e)}")
+                errors.setdefault(_one_line(e), []).append(spec.name)
                 _logger.debug("backend %s failed on %s: %s", spec.name, path, e)
             else:  # a reader bug or an unsupported library release; another reader may still work
                 _logger.warning("%s: backend %s raised %s: %s (a bug or an unsupported library version, "
@@ -83,7 +83,8 @@ def _probe(path: str, backend: str) -> tuple[str, SlideBackend]:
         return deferred
     if bug is not None:
         raise bug
-    raise SlideOpenError(f"{path}: not a readable slide ({'; '.join(errors)})")
+    said = "; ".join(f"{', '.join(names)}: {message}" for message, names in errors.items())
+    raise SlideOpenError(f"{path}: not a readable slide ({said})")
 
 
 def _format_of(path: str) -> str:
