@@ -3,6 +3,12 @@
 A slide is a file, or a folder that a backend opens as one slide: a DICOM WSI is a folder
 of ``.dcm`` files (one per pyramid level, plus label and overview instances) and is
 found, named (by the folder) and counted as one slide wherever it sits.
+
+Nothing that looks like a slide is dropped silently: a broken symbolic link, a link loop or
+a FIFO named like a slide is kept, so that the stage records it as a failed slide, with its
+reason in one line and a status row. A wsi-pipeline output folder (see
+:func:`is_output_folder`) is never searched for slides, so that ``-o`` inside an input
+folder does not feed a run its own thumbnails and montages.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from .errors import ConfigError
 from .userfiles import read_text
 
 _logger = logging.getLogger(__name__)
+
+#: A folder holding this file (every run appends to it) is a wsi-pipeline output folder.
+OUTPUT_MARKER = "status.csv"
+#: ... as is one holding these folders (made by ``tile`` before any slide is done).
+OUTPUT_FOLDERS = ("coords", "thumbnails", "tissue")
 
 
 def slide_extensions() -> frozenset[str]:
@@ -39,6 +50,19 @@ def _is_folder_slide(folder: Path) -> bool:
     return find_folder_members(folder) is not None
 
 
+def _path_problem(path: Path) -> str | None:
+    from .slide.base import path_problem
+
+    return path_problem(path)
+
+
+def is_output_folder(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` is a wsi-pipeline output folder (it holds ``status.csv``, or the
+    ``coords``, ``thumbnails`` and ``tissue`` folders that ``tile`` makes first)."""
+    p = Path(folder)
+    return (p / OUTPUT_MARKER).is_file() or all((p / sub).is_dir() for sub in OUTPUT_FOLDERS)
+
+
 def collect_inputs(paths: Iterable[str | os.PathLike[str]], recursive: bool = False) -> list[Path]:
     """Expand ``paths`` into slide / ROI image files.
 
@@ -50,12 +74,16 @@ def collect_inputs(paths: Iterable[str | os.PathLike[str]], recursive: bool = Fa
         WSI; sorted; hidden files skipped) and ``@list.txt`` files (one path per line, ``#``
         comments and blank lines skipped; relative entries are resolved against the list's
         folder when they exist there). A list entry that is not a file is kept, with a
-        warning: the stage records it as a failed slide and goes on. A folder that is itself
-        one slide (holds ``.dcm`` files) is that slide, plus any other slide files in it; a
-        ``.dcm`` file stands for its folder, so two files of one DICOM WSI are one slide.
+        warning: the stage records it as a failed slide and goes on; so is (without a
+        warning: the stage's line says why) an entry of a folder named like a slide that is
+        no regular file (a broken link, a link loop, a FIFO), and such an input given
+        directly. A folder that is itself one slide (holds ``.dcm`` files) is that slide,
+        plus any other slide files in it; a ``.dcm`` file stands for its folder, so two
+        files of one DICOM WSI are one slide.
     recursive : bool
         Descend into sub-folders of folder inputs (the ``.dcm`` files of a DICOM WSI found
-        on the way are its folder, never slides of their own).
+        on the way are its folder, never slides of their own). wsi-pipeline output folders
+        are never descended into (a folder input that is one gives its own slide files only).
 
     Returns
     -------
@@ -79,14 +107,17 @@ def collect_inputs(paths: Iterable[str | os.PathLike[str]], recursive: bool = Fa
             out.extend(_expand_folder(p, recursive))
         elif p.is_file():
             out.append(_as_slide(p))
+        elif os.path.lexists(p):  # a broken link, a link loop, a FIFO: the stage fails it in one line
+            _logger.debug("input %s: %s", text, _path_problem(p))
+            out.append(p)
         else:
             raise ConfigError(f"input {text!r} does not exist; give slide files, folders or @list.txt")
     if not out:
         raise ConfigError("no input slides given; pass slide files, folders or @list.txt")
-    seen: set[Path] = set()
+    seen: set[str] = set()
     unique = []
     for p in out:
-        key = p.resolve()
+        key = os.path.realpath(p)  # never raises (Path.resolve does on a link loop)
         if key not in seen:
             seen.add(key)
             unique.append(p)
@@ -109,12 +140,21 @@ def _folder_slides(folder: Path, exts: frozenset[str], recursive: bool, top: boo
     out = [folder] if _is_folder_slide(folder) else []
     if not top and not recursive:
         return out
+    own_outputs = is_output_folder(folder)  # a folder input that is also -o: its own slide files only
+    if own_outputs and recursive:
+        _logger.warning("%s is also a wsi-pipeline output folder: its sub-folders are not searched for slides",
+                        folder)
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():  # a linked folder is looked at, not descended into (no loops)
+            if own_outputs or is_output_folder(entry):
+                _logger.info("%s: not searched for slides (a wsi-pipeline output folder or part of one)", entry)
+                continue
             out.extend(_folder_slides(entry, exts, recursive and not entry.is_symlink(), top=False))
-        elif entry.suffix.lower() in exts and entry.is_file():
+        elif entry.suffix.lower() in exts:
+            if not entry.is_file():  # failed by the stage in one line and a status row, never dropped
+                _logger.debug("%s: %s", entry, _path_problem(entry))
             out.append(entry)
     return out
 
@@ -138,9 +178,10 @@ def _read_list(list_file: Path) -> list[Path]:
         if q.is_file():
             q = _as_slide(q)
         elif not (q.is_dir() and _is_folder_slide(q)):  # recorded as a failed slide later; the batch goes on
-            _logger.warning("slide list %s line %d: %r is not a file", list_file, lineno, entry)
+            _logger.warning("slide list %s line %d: %r: %s", list_file, lineno, entry,
+                            _path_problem(q) or "a folder, not a slide")
         out.append(q)
     return out
 
 
-__all__ = ["collect_inputs", "slide_extensions"]
+__all__ = ["collect_inputs", "is_output_folder", "slide_extensions"]

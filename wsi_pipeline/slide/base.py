@@ -24,9 +24,11 @@ anything else (a ``TypeError``, an ``ImportError``...) is a bug and propagates a
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
+import stat
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -272,6 +274,29 @@ def raised_in(e: BaseException, packages: tuple[str, ...]) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+#: What ``stat`` calls the kinds of file that hold no slide, by their test.
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as a slide file or folder, or ``None`` when it can be:
+    ``"no such file"``, a symbolic link that is broken or loops, or a special file (a FIFO,
+    a socket, a device: reading one could block forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if not os.path.islink(path):
+            return "no such file"
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop (following it never reaches a file)"
+        return f"broken symbolic link (its target {os.readlink(path)!r} does not exist)"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+    return f"not a regular file but {kind}"
 
 
 def is_finite_positive(x: float | None) -> bool:

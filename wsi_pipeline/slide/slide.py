@@ -17,6 +17,7 @@ from .base import (
     find_folder_members,
     folder_member_extensions,
     get_backend,
+    path_problem,
     registered_backends,
 )
 
@@ -98,7 +99,7 @@ def _format_of(path: str) -> str:
                                  f"holds the files of one multi-file slide: {exts})")
         return found[0]
     if not os.path.isfile(path):
-        raise SlideOpenError(f"{path}: no such file")
+        raise SlideOpenError(f"{path}: {path_problem(path) or 'no such file'}")
     if os.path.getsize(path) == 0:
         raise SlideOpenError(f"{path}: file is empty (0 bytes)")
     return "".join(Path(path).suffixes[-1:]).lower()
