@@ -17,7 +17,9 @@ TRIDENT look for them) and are mirrored on the file root:
   ``slide_path``, ``schema_version``, ``wsi_pipeline_version``, ``backend``,
   ``backend_version``, ``complete`` (True, written last: the resume marker).
 
-The file is written to a temporary name and renamed into place.
+The file is written to a temporary name and renamed into place. :func:`read_coords` refuses
+an HDF5 file with a ``coords`` dataset that another tool wrote (a CLAM or TRIDENT patch file
+has no ``schema_version``).
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def write_coords(
 
 
 def read_coords(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """``(coords (N, 2) int64, attrs)``; raises :class:`CorruptOutputError` on a bad file."""
+    """``(coords (N, 2) int64, attrs)``; raises :class:`CorruptOutputError` on a bad file or one
+    that wsi-pipeline did not write."""
     try:
         with h5py.File(path, "r") as f:
             if "coords" not in f:
@@ -90,6 +93,12 @@ def read_coords(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any
         raise
     except (OSError, KeyError, ValueError) as e:
         raise CorruptOutputError(f"{path}: not a readable coords file ({e})") from e
+    if "schema_version" not in attrs:
+        raise CorruptOutputError(
+            f"{path}: not a wsi-pipeline coords file (no schema_version attribute; a CLAM or TRIDENT patch file?): "
+            "tile the slide with 'wsi-pipeline tile' (there is no importer; 'wsi-pipeline export --to clam' "
+            "converts the other way)"
+        )
     return np.asarray(coords), attrs
 
 
