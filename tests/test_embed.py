@@ -22,6 +22,7 @@ from wsi_pipeline.store.status import read_status
 from wsi_pipeline.tiling.stage import tile_slides
 
 PROMPTS = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "demo.yaml"
+TILING = TilingConfig(patch_size=128, target_mpp=0.5, seg_level_mpp=2.0, min_tissue_area=2000.0)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def tiled(tmp_path_factory):
     make_slide(slides / "b.tif", 1400, 1000, mpp=0.5, layout="generic", levels=(1, 4), seed=2)
     make_slide(slides / "blank.svs", 1024, 768, mpp=0.5, n_blobs=0, seed=3)
     out = root / "out"
-    results = tile_slides(sorted(slides.iterdir()), out, TilingConfig(patch_size=128, target_mpp=0.5, seg_level_mpp=2.0, min_tissue_area=2000.0))
+    results = tile_slides(sorted(slides.iterdir()), out, TILING)
     assert [r.status for r in results] == ["ok", "ok", "ok"]
     return out
 
@@ -191,6 +192,10 @@ def test_unreadable_tiles_are_left_out_or_fail_the_slide(tiled, tmp_path):
     broken = tmp_path / "a.svs"
     shutil.copy(attrs["slide_path"], broken)
     corrupt_tile(broken, page=0, tile_xy=(4, 3))  # one level-0 tile inside the tissue
+    changed = embed_slides(out, EmbedConfig(model="convlm_test", slides_dir=str(tmp_path)), slide_ids=["a"])
+    assert "changed since it was tiled" in changed.results[0].reason  # not the file that was tiled
+    [res] = tile_slides([broken], out, TILING)  # segmentation reads level 1: the same coords
+    assert res.status == "ok" and np.array_equal(read_coords(out / "coords" / "a.h5")[0], coords)
     cfg = EmbedConfig(model="convlm_test", slides_dir=str(tmp_path), max_failed_fraction=0.0)
     failed = embed_slides(out, cfg, slide_ids=["a"])
     r = failed.results[0]

@@ -125,7 +125,10 @@ class TilingConfig:
     of slides that lack it (the CSV also overrides a wrong value in the file).
     ``pad_small_images`` (set for ROI images by ``classify``): an image side shorter than one
     patch gets one patch at 0, padded with white, instead of no patch. ``slide_params`` is a
-    CSV of per-slide segmentation settings (:func:`load_slide_params`).
+    CSV of per-slide segmentation settings (:func:`load_slide_params`). ``max_upsample``: a
+    slide scanned coarser than ``target_mpp`` has its patches upsampled by ``mpp / target_mpp``
+    (a 20× scan tiled at 40×: 2); ``None`` allows any factor with a warning per slide, a number
+    ≥ 1 refuses slides above it (1: never upsample). Within 5 % nothing counts as upsampling.
     """
 
     target_mpp: float = 0.5
@@ -149,6 +152,7 @@ class TilingConfig:
     thumbnail_max_side: int = 1024
     pad_small_images: bool = False
     slide_params: str | None = None
+    max_upsample: float | None = None
 
     def __post_init__(self) -> None:
         if not _positive(self.target_mpp):
@@ -165,6 +169,8 @@ class TilingConfig:
         if not isinstance(self.backend, str) or not self.backend:
             raise ConfigError(f"backend must be a name such as 'auto', got {self.backend!r}")
         _check_int("thumbnail_max_side", self.thumbnail_max_side, 64, 16384)
+        if self.max_upsample is not None and not (_number(self.max_upsample) and self.max_upsample >= 1.0):
+            raise ConfigError(f"max_upsample must be a number ≥ 1 (1: never upsample), got {self.max_upsample!r}")
         if not isinstance(self.pad_small_images, bool):
             raise ConfigError(f"pad_small_images must be true or false, got {self.pad_small_images!r}")
         seg = self.segmentation  # validates the segmentation fields
@@ -202,13 +208,13 @@ class TilingConfig:
     def signature(self) -> dict[str, Any]:
         """The settings that decide the output (used to tell whether a rerun must redo a slide)."""
         d = dataclasses.asdict(self)
-        for k in ("backend", "mpp_csv", "default_mpp", "thumbnail_max_side", "slide_params"):
+        for k in ("backend", "mpp_csv", "default_mpp", "thumbnail_max_side", "slide_params", "max_upsample"):
             d.pop(k)
         return d
 
 
 _FLOAT_FIELDS = ("target_mpp", "overlap", "min_tissue", "seg_level_mpp", "min_tissue_area", "min_hole_area",
-                 "default_mpp")
+                 "default_mpp", "max_upsample")
 
 
 def normalise_keys(options: Mapping[str, Any], *, source: str) -> dict[str, Any]:

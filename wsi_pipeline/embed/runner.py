@@ -8,9 +8,12 @@ and the main process normalises on the device and runs the encoder in
 file's ``failed_coords`` and is counted in ``n_failed_patches``; above ``max_failed_fraction``
 of a slide's patches (or all of them) the slide fails. A slide is skipped only when its
 feature file validates (complete, same model id, ``coords`` + ``failed_coords`` = the coords
-file's coords; see :meth:`~wsi_pipeline.store.features.FeatureStore.validate`), or while another
-live run holds its lock (``out/locks/embed/<model_id>/<slide_id>.lock``). :class:`SlideEmbedder`
-is the per-slide work that an executor (``local`` or ``ray``) maps over the slides.
+file's coords, read from the slide file the coords file records; see
+:meth:`~wsi_pipeline.store.features.FeatureStore.validate`), or while another live run holds
+its lock (``out/locks/embed/<model_id>/<slide_id>.lock``). A slide file whose content changed
+since it was tiled (see :func:`check_slide_unchanged`) fails: its coords belong to the old
+file. :class:`SlideEmbedder` is the per-slide work that an executor (``local`` or ``ray``)
+maps over the slides.
 
 Beside the pre-projection ``features`` each file stores ``embeddings``: the same rows
 projected and L2-normalised by the model (fp32 math, stored as float16), tied to the
@@ -166,6 +169,27 @@ def resolve_slide_path(attrs: dict[str, Any], slides_dir: str | None) -> str:
     if recorded and Path(recorded).exists():
         return recorded
     raise SlideError(f"slide file {recorded!r} recorded in the coords file no longer exists; pass --slides DIR")
+
+
+def check_slide_unchanged(attrs: dict[str, Any], slides_dir: str | None) -> None:
+    """Raise :class:`SlideError` when the slide file is not the one the coords file was made
+    from (its content fingerprint differs from the recorded ``slide_fingerprint``).
+
+    Not checked: coords files written before fingerprints were recorded, and slides that are
+    not found (features that validate are still used; embedding such a slide fails anyway).
+    """
+    from ..slide.fingerprint import slide_fingerprint
+
+    recorded = attrs.get("slide_fingerprint")
+    if not recorded:
+        return
+    try:
+        path = resolve_slide_path(attrs, slides_dir)
+    except SlideError:
+        return
+    if slide_fingerprint(path) != recorded:
+        raise SlideError(f"slide file {path} changed since it was tiled (replaced or modified: its content differs); "
+                         "re-run tile (or classify) on it")
 
 
 def resolve_weights(model_name: str, weights: str | None) -> str | None:
@@ -396,8 +420,9 @@ class SlideEmbedder:
                 lock = self.locks.acquire(slide_id)
                 final = self.store.path_for(self.features_dir, self.model_id, slide_id)
                 remove_temps_of(final)  # we hold the lock: any temp file of this slide is a dead run's
+                check_slide_unchanged(cattrs, self.cfg.slides_dir)
                 reason = "overwrite requested" if self.cfg.overwrite else self.store.validate(
-                    self.features_dir, self.model_id, slide_id, coords)
+                    self.features_dir, self.model_id, slide_id, coords, cattrs)
                 if reason is None:
                     result.status, result.reason, result.path = "skipped", "features exist and validate", str(final)
                 else:

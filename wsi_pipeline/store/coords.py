@@ -14,8 +14,10 @@ TRIDENT look for them) and are mirrored on the file root:
   same field of view when the level's mpp equals ``target_mpp``; otherwise readers must use
   ``patch_size_level0``.
 - Ours: ``mpp_level0``, ``target_mpp``, ``mpp_source``, ``min_tissue``, ``overlap_fraction``,
-  ``slide_path``, ``schema_version``, ``wsi_pipeline_version``, ``backend``,
-  ``backend_version``, ``complete`` (True, written last: the resume marker).
+  ``slide_path``, ``slide_fingerprint`` (content hash of the slide file, see
+  :mod:`~wsi_pipeline.slide.fingerprint`: a replaced slide is re-tiled), ``upsample_factor``
+  (``mpp_level0 / target_mpp``, at least 1), ``schema_version``, ``wsi_pipeline_version``,
+  ``backend``, ``backend_version``, ``complete`` (True, written last: the resume marker).
 
 The file is written to a temporary name and renamed into place. :func:`read_coords` refuses
 an HDF5 file with a ``coords`` dataset that another tool wrote (a CLAM or TRIDENT patch file

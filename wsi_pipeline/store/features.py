@@ -52,6 +52,8 @@ FEATURES_SCHEMA_VERSION = 2
 LEGACY_SCHEMA_VERSION = 1
 FAILED_COORDS = "failed_coords"
 EMBEDDINGS = "embeddings"
+#: The coords attribute that names the slide file's content (copied into every features file).
+FINGERPRINT = "slide_fingerprint"
 #: Feature rows read beside the embeddings, to check them against the model (see ``read``).
 PROBE_ROWS = 4
 
@@ -318,12 +320,17 @@ class FeatureStore:
         model_id: str,
         slide_id: str,
         expected_coords: np.ndarray,
+        coords_attrs: Mapping[str, Any] | None = None,
     ) -> str | None:
         """``None`` when the stored slide is complete and matches; otherwise why it must be redone.
 
         Matches: same ``model_id``, schema version 2 (or 1 without failed patches), one
         finite feature row per stored coord, ``n_failed_patches`` = rows of ``failed_coords``,
-        and ``coords`` + ``failed_coords`` split ``expected_coords`` (see :func:`split_mismatch`).
+        ``coords`` + ``failed_coords`` split ``expected_coords`` (see :func:`split_mismatch`),
+        and the slide file they were read from is the one the current coords file records
+        (``slide_fingerprint`` of ``coords_attrs``: a slide re-tiled after its file was replaced
+        keeps no features, even where its coords come out the same; features written before
+        fingerprints were recorded are judged by their coords alone).
         """
         path = self.path_for(features_dir, model_id, slide_id)
         if not path.exists():
@@ -336,6 +343,9 @@ class FeatureStore:
             return "incomplete (no complete=True attribute)"
         if sf.attrs.get("model_id") != model_id:
             return f"written by another model setting ({sf.attrs.get('model_id')!r})"
+        want, got = (coords_attrs or {}).get(FINGERPRINT), sf.coords_attrs.get(FINGERPRINT)
+        if want and got and want != got:
+            return "read from another slide file (the slide was replaced and re-tiled since)"
         reason = _schema_mismatch(sf)
         if reason is not None:
             return reason

@@ -10,6 +10,10 @@ segmentation always sees ≈ ``seg_mpp`` µm/px whatever the pyramid.
 A chunk that cannot be read is retried in small blocks; unreadable blocks become white
 (glass, hence background) and are counted. Above ``max_unreadable`` of the slide area the
 slide fails with :class:`SlideReadError`.
+
+Before any read, :func:`check_seg_cost` refuses a slide whose picture would cost more than
+any real slide does (a header claiming 10⁶ × 10⁶ px in a file of a few MB): one line, no
+hour of decoding, no memory exhausted.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import SlideReadError
+from ..errors import SlideError, SlideReadError
 from ..slide.base import SlideInfo
 from ..slide.write import area_downsample
 
@@ -30,6 +34,12 @@ _logger = logging.getLogger(__name__)
 CHUNK = 1024
 #: Block size used to salvage a chunk whose read failed.
 SALVAGE_BLOCK = 256
+#: Most pixels segmentation may decode at the level it reads: a 220,000² px level without a
+#: pyramid, minutes of decoding (a real 40× scan of a whole 75 × 25 mm slide is 3·10¹⁰ px).
+MAX_SEG_DECODED_PIXELS = 5 * 10**10
+#: Most pixels of the segmentation picture: 20,000² px (1.2 GB RGB), 160 mm a side at 8 µm/px,
+#: twice the longest glass slide.
+MAX_SEG_PICTURE_PIXELS = 4 * 10**8
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,22 @@ def choose_seg_level(info: SlideInfo, seg_mpp: float) -> tuple[int, int]:
         level = int(np.argmax(mpps))
     factor = max(1, int(round(seg_mpp / mpps[level])))
     return level, factor
+
+
+def check_seg_cost(info: SlideInfo, level: int, factor: int) -> None:
+    """Raise :class:`SlideError` when reading ``level`` area-averaged by ``factor`` would decode
+    more than :data:`MAX_SEG_DECODED_PIXELS` or make a picture above :data:`MAX_SEG_PICTURE_PIXELS`
+    (checked before any read: the cost of segmentation follows from the header alone)."""
+    lw, lh = info.level_dimensions[level]
+    pw, ph = -(-lw // factor), -(-lh // factor)
+    if lw * lh <= MAX_SEG_DECODED_PIXELS and pw * ph <= MAX_SEG_PICTURE_PIXELS:
+        return
+    (w0, h0), mpp = info.dimensions, info.mpp
+    raise SlideError(
+        f"too large to tile: the header says {w0}x{h0} px ({w0 * mpp / 1000:.0f} x {h0 * mpp / 1000:.0f} mm at "
+        f"{mpp:.3g} µm/px); segmentation would decode {lw * lh:.1e} px at level {level} into a {pw}x{ph} picture "
+        f"(limits {MAX_SEG_DECODED_PIXELS:.0e} and {MAX_SEG_PICTURE_PIXELS:.0e} px): a damaged header or no slide"
+    )
 
 
 def read_lowres(
@@ -149,4 +175,5 @@ def _salvage(
     return region, bad
 
 
-__all__ = ["LowRes", "choose_seg_level", "read_lowres"]
+__all__ = ["MAX_SEG_DECODED_PIXELS", "MAX_SEG_PICTURE_PIXELS", "LowRes", "check_seg_cost", "choose_seg_level",
+           "read_lowres"]

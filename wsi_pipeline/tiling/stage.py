@@ -4,11 +4,13 @@
 
 Per slide (:class:`TileWorker`, mapped over the slides by the ``local`` or ``ray``
 executor): take the slide's lock (``out/locks/tile/<id>.lock``; a live holder → ``skipped``)
-→ open → resolve mpp (file, ``--mpp-csv``, ``--default-mpp``) → skip when the existing
-outputs validate for the same settings → read a ≈8 µm/px picture in chunks → segment
-tissue → global grid → write thumbnail, GeoJSON and finally the coords file (the resume
-marker), each through a temporary file and a rename. Every per-slide problem becomes a
-``failed`` status row and one log line; the batch goes on.
+→ open → resolve mpp (file, ``--mpp-csv``, ``--default-mpp``; anisotropic pixels are refused)
+→ refuse upsampling beyond ``max_upsample`` → skip when the existing outputs validate for the
+same settings and the same slide file (its content fingerprint, see
+:mod:`~wsi_pipeline.slide.fingerprint`) → refuse a picture no real slide needs → read a
+≈8 µm/px picture in chunks → segment tissue → global grid → write thumbnail, GeoJSON and
+finally the coords file (the resume marker), each through a temporary file and a rename.
+Every per-slide problem becomes a ``failed`` status row and one log line; the batch goes on.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import TilingConfig, load_mpp_csv, load_slide_params
-from ..errors import ConfigError, MissingMppError, SlideLockedError, WsiPipelineError
+from ..errors import ConfigError, MissingMppError, SlideError, SlideLockedError, WsiPipelineError
 from ..progress import NullProgress, Progress
 from ..runtime.executor import RuntimeConfig, WorkerSpec, absolute, make_executor
 from ..runtime.locks import DEFAULT_LOCK_TIMEOUT_S, SlideLocks, remove_temps_of
@@ -41,11 +43,15 @@ STAGE = "tile"
 COORDS_DIR, THUMBNAIL_DIR, TISSUE_DIR = "coords", "thumbnails", "tissue"
 #: Attributes that must match for an existing coords file to count as done.
 VALIDATED_ATTRS = ("target_mpp", "patch_size", "overlap_fraction", "min_tissue", "mpp_level0", "level0_width",
-                   "level0_height", "patch_size_level0", "tiling_config")
+                   "level0_height", "patch_size_level0", "tiling_config", "slide_fingerprint")
 _DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif")
 #: Temporary files older than this are leftovers of a crashed run; younger ones may belong
 #: to a concurrent run on the same output folder and are left alone.
 STALE_TEMP_AGE_S = 600.0
+#: Relative difference of mpp_x and mpp_y above which pixels are not square (refused).
+ANISOTROPY_TOLERANCE = 0.01
+#: Upsampling by at most this much (a 0.2525 µm/px scan tiled at 0.25) is no upsampling.
+UPSAMPLE_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -260,17 +266,20 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
     from ..report.png import write_png
     from ..report.thumbnail import render_thumbnail
     from ..slide import open_slide
+    from ..slide.fingerprint import slide_fingerprint
     from ..store.coords import read_coords, write_coords
     from ..store.provenance import slide_provenance
     from .grid import grid_spec, select_patches
-    from .lowres import choose_seg_level, read_lowres
+    from .lowres import check_seg_cost, choose_seg_level, read_lowres
     from .tissue import mask_to_polygons, segment_tissue
 
     paths = OutputPaths.of(out, sid)
     with open_slide(path, config.backend) as slide:
         info = resolve_mpp(slide.info, sid, config, overrides)
+        upsample = check_upsample(info.mpp, config)
         spec = grid_spec(config.patch_size, config.target_mpp, info.mpp, config.overlap)
         attrs = coords_attrs(info, sid, config, spec.patch_size_level0, slide.backend)
+        attrs.update(slide_fingerprint=slide_fingerprint(path), upsample_factor=upsample)
         if not overwrite:
             valid = outputs_valid(paths, {k: attrs[k] for k in VALIDATED_ATTRS})
             if valid is True:
@@ -279,7 +288,11 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
                 return TileResult(sid, path, "skipped", "outputs exist and validate", n, 0.0, str(paths.coords))
             if paths.coords.exists():
                 _logger.info("%s: existing outputs are redone (%s)", sid, valid)
+        if upsample > 1.0 + UPSAMPLE_TOLERANCE:
+            _logger.warning("%s: target %.3g µm/px is finer than the scan (%.3g µm/px): patches are upsampled "
+                            "%.2gx (set max_upsample to refuse that)", sid, config.target_mpp, info.mpp, upsample)
         level, factor = choose_seg_level(info, config.seg_level_mpp)
+        check_seg_cost(info, level, factor)
         low = read_lowres(slide, info, level, factor)
     tissue = segment_tissue(low.rgb, low.mpp, config.segmentation)
     coords, frac = select_patches(tissue.mask, low.scale, info.dimensions, spec, config.min_tissue,
@@ -323,6 +336,7 @@ def resolve_mpp(info: SlideInfo, slide_id: str, config: TilingConfig, overrides:
             _logger.warning("%s: mpp CSV says %.4g µm/px, the file says %.4g; using the CSV", slide_id, mpp, info.mpp)
         return info.with_mpp(mpp, "csv")
     if has_mpp:
+        check_square_pixels(info)
         return info
     if config.default_mpp is not None:
         _logger.warning("%s: slide has no mpp; assuming --default-mpp %.4g µm/px (recorded as mpp_source=default)",
@@ -332,6 +346,32 @@ def resolve_mpp(info: SlideInfo, slide_id: str, config: TilingConfig, overrides:
         f"slide has no physical resolution (mpp); give --mpp-csv (slide,mpp) or --default-mpp"
         f" (file {Path(info.path).name})"
     )
+
+
+def check_square_pixels(info: SlideInfo) -> None:
+    """Raise :class:`SlideError` when the file's pixels are not square (``mpp_x`` and ``mpp_y``
+    differ by more than :data:`ANISOTROPY_TOLERANCE`): a square patch would cover a
+    non-square area. An ``--mpp-csv`` entry (one value for both axes) overrides the file."""
+    x, y = float(info.mpp_x or 0.0), float(info.mpp_y or 0.0)
+    if abs(x - y) > ANISOTROPY_TOLERANCE * max(x, y):
+        raise SlideError(
+            f"pixels are not square: {x:.4g} µm/px wide but {y:.4g} µm/px tall ({info.mpp_source}); wsi-pipeline "
+            f"tiles square pixels only (a square patch would cover {max(x, y) / min(x, y):.2g}x more one way); "
+            "give --mpp-csv if the file is wrong"
+        )
+
+
+def check_upsample(mpp: float, config: TilingConfig) -> float:
+    """The factor by which patches are upsampled (``mpp / target_mpp``, at least 1); raise
+    :class:`SlideError` when it exceeds ``config.max_upsample`` (beyond :data:`UPSAMPLE_TOLERANCE`)."""
+    factor = max(1.0, float(mpp) / config.target_mpp)
+    limit = config.max_upsample
+    if limit is not None and factor > limit * (1.0 + UPSAMPLE_TOLERANCE):
+        raise SlideError(
+            f"target {config.target_mpp:g} µm/px is finer than the scan ({mpp:.3g} µm/px): patches would be "
+            f"upsampled {factor:.2g}x, above max_upsample {limit:g}; tile at a coarser target or raise max_upsample"
+        )
+    return factor
 
 
 def coords_attrs(info: SlideInfo, slide_id: str, config: TilingConfig, patch_size_level0: int,
@@ -400,7 +440,9 @@ __all__ = [
     "TileResult",
     "TileWorker",
     "check_backend",
+    "check_square_pixels",
     "check_unique_ids",
+    "check_upsample",
     "coords_attrs",
     "outputs_valid",
     "resolve_mpp",
