@@ -265,6 +265,10 @@ def test_upsampling_is_warned_recorded_and_can_be_refused(good: FixtureSlide, tm
     assert latest_status(out2, "tile")[GOOD]["status"] == "failed"
     assert latest_status(out2, "tile")["fine"]["status"] == "ok"
     assert read_coords(out2 / "coords" / "fine.h5")[1]["upsample_factor"] == 1.0
+    out3 = tmp_path / "out3"  # the same refusal from the flag
+    r = _run("tile", good.path, "-o", out3, "--target-mpp", "0.25", "--patch-size", "128", "--min-tissue-area", "2000",
+             "--max-upsample", "1.5", "-q")
+    assert r.exit_code == 1 and "upsampled 2x, above max_upsample 1.5" in _errors(r)[0], r.output
 
 
 # -- 8. anisotropic pixels -----------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_classify_help_lists_every_option_once_under_its_stage() -> None:
     assert sections["Input and output"] == ["--out", "--list", "--recursive", "--config", "--no-visuals"]
     assert sections["Tiling"] == ["--backend", "--target-mpp", "--mag", "--patch-size", "--overlap", "--min-tissue",
                                   "--seg-level-mpp", "--threshold", "--min-tissue-area", "--min-hole-area",
-                                  "--mpp-csv", "--default-mpp", "--slide-params"]
+                                  "--mpp-csv", "--default-mpp", "--max-upsample", "--slide-params"]
     assert sections["Embedding"] == ["--model", "--weights", "--adapter", "--batch-size", "--workers", "--device",
                                      "--precision", "--keep-rate", "--prune-layers", "--context", "--store",
                                      "--slides", "--region-size"]

@@ -34,7 +34,8 @@ from .runtime.options import runtime_config as _runtime_config
 
 #: ``tile`` options that are TilingConfig fields (a --config preset may set them too).
 _TILING_PARAMS = ("backend", "target_mpp", "mag", "patch_size", "overlap", "min_tissue", "seg_level_mpp",
-                  "threshold", "min_tissue_area", "min_hole_area", "mpp_csv", "default_mpp", "slide_params")
+                  "threshold", "min_tissue_area", "min_hole_area", "mpp_csv", "default_mpp", "slide_params",
+                  "max_upsample")
 #: Reader libraries that log their own line about a file we already report in one line.
 _NOISY_LOGGERS = ("tifffile", "tiffslide", "PIL", "h5py")
 
@@ -367,6 +368,9 @@ _TILING_OPTIONS = [
                  help="Fill holes smaller than this (µm²)."),
     click.option("--mpp-csv", type=click.Path(dir_okay=False), help="CSV 'slide,mpp' with per-slide resolutions."),
     click.option("--default-mpp", type=float, help="µm/px for slides without one (warned, recorded)."),
+    click.option("--max-upsample", type=click.FloatRange(min=1.0), default=None,
+                 help="Refuse slides scanned coarser than the target by more than this factor (1: never "
+                      "upsample) [allow, with a warning per slide]."),
     click.option("--slide-params", type=click.Path(dir_okay=False),
                  help="CSV 'slide,<option>,…' of per-slide segmentation settings (e.g. threshold, min_tissue)."),
 ]
