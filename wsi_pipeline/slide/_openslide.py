@@ -3,8 +3,8 @@
 Regions are read straight into a numpy buffer through OpenSlide's C call, as the
 premultiplied ARGB that the library produces, and composited on white in one numpy pass.
 openslide-python's own ``read_region`` would first un-premultiply every pixel, wrap the
-buffer in a PIL image and leave an RGBA→RGB conversion and an array copy to the caller:
-for a 2,500-px region that costs about as much as OpenSlide's own read. The public path
+buffer in a PIL image and leave an RGBA→RGB conversion and an array copy to the caller,
+which for a large region costs about as much as OpenSlide's own read. The public path
 is the fallback for openslide-python releases whose low-level call is missing, takes
 other arguments or behaves otherwise (see :class:`OpenSlideBackend`).
 
@@ -12,9 +12,8 @@ A DICOM WSI (a folder of ``.dcm`` files, one per pyramid level, plus label and
 overview instances, all of one series) is opened as one slide: OpenSlide >= 4.0 reads
 the series from any one of its files (vendor ``dicom``, mpp from the pixel spacing).
 
-What remains is OpenSlide's own work, about 18 ns per output pixel of cairo painting
-even with every tile cached, plus ~1 ms per 240-px JPEG tile decode; a bigger tile cache
-or tile-aligned sub-block reads measured no faster, so neither is used.
+What remains is OpenSlide's own painting and JPEG decoding (measured figures: README,
+"Benchmarks"); a bigger tile cache or tile-aligned sub-block reads were no faster.
 """
 
 from __future__ import annotations

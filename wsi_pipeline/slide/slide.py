@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SlideError, SlideOpenError, SlideReadError, UnsupportedFormatError
+from ..errors import SlideError, SlideOpenError, SlideReadError, UnsupportedFormatError, one_line
 from .base import (
     BackendSpec,
     SlideBackend,
@@ -48,7 +48,7 @@ def _probe(path: str, backend: str) -> tuple[str, SlideBackend]:
         except Exception as e:
             if not _is_file_error(spec, e):
                 raise
-            raise SlideOpenError(f"{path}: {backend} cannot open it: {_one_line(e)}") from e
+            raise SlideOpenError(f"{path}: {backend} cannot open it: {one_line(e)}") from e
     candidates = [s for s in registered_backends(ext) if _opens(s, path, ext) and s.is_available()]
     if not candidates:
         known = sorted({e for s in registered_backends() for e in s.extensions})
@@ -63,11 +63,11 @@ def _probe(path: str, backend: str) -> tuple[str, SlideBackend]:
             handle = spec.factory(path)
         except Exception as e:
             if _is_file_error(spec, e):
-                errors.setdefault(_one_line(e), []).append(spec.name)
+                errors.setdefault(one_line(e), []).append(spec.name)
                 _logger.debug("backend %s failed on %s: %s", spec.name, path, e)
             else:  # a reader bug or an unsupported library release; another reader may still work
                 _logger.warning("%s: backend %s raised %s: %s (a bug or an unsupported library version, "
-                                "not a damaged file)", path, spec.name, type(e).__name__, _one_line(e))
+                                "not a damaged file)", path, spec.name, type(e).__name__, one_line(e))
                 bug = bug or e
             if deferred is not None:
                 return deferred
@@ -114,10 +114,6 @@ def _is_file_error(spec: BackendSpec, e: BaseException) -> bool:
     """Our own slide errors always; otherwise what the backend declares (see :class:`BackendSpec`)."""
     return isinstance(e, SlideError) or spec.is_file_error(e)
 
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 class Slide:
@@ -188,7 +184,7 @@ class Slide:
             if not _is_file_error(self._spec, second):
                 raise
             raise SlideReadError(
-                f"{self.path}: cannot read region at {tuple(location)} level {level}: {_one_line(second)}"
+                f"{self.path}: cannot read region at {tuple(location)} level {level}: {one_line(second)}"
             ) from second
 
     def close(self) -> None:

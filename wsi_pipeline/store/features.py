@@ -43,7 +43,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from .atomic import TMP_SUFFIX, atomic_path, atomic_write_text, fsync_dir
 from .provenance import jsonable
 
@@ -338,7 +338,7 @@ class FeatureStore:
         try:
             sf = self.read(features_dir, model_id, slide_id)
         except Exception as e:  # truncated/corrupt files raise many different errors
-            return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            return f"unreadable ({type(e).__name__}: {one_line(e)})"
         if sf.attrs.get("complete") is not True:
             return "incomplete (no complete=True attribute)"
         if sf.attrs.get("model_id") != model_id:

@@ -29,7 +29,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import TilingConfig, load_mpp_csv, load_slide_params
-from ..errors import ConfigError, MissingMppError, SlideError, SlideLockedError, WsiPipelineError
+from ..errors import ConfigError, MissingMppError, SlideError, SlideLockedError, WsiPipelineError, one_line
 from ..progress import NullProgress, Progress
 from ..runtime.executor import RuntimeConfig, WorkerSpec, absolute, make_executor
 from ..runtime.locks import DEFAULT_LOCK_TIMEOUT_S, SlideLocks, remove_temps_of
@@ -241,10 +241,10 @@ def tile_slide(
             result = TileResult(sid, path, "skipped", str(e))
             _logger.info("%s: skipped, %s", sid, e)
         except WsiPipelineError as e:
-            result = _failed(sid, path, _one_line(e))
+            result = _failed(sid, path, one_line(e))
         except Exception as e:  # a bug or an unexpected library error: still one line, batch goes on
             _logger.debug("%s: unexpected error", sid, exc_info=True)
-            result = _failed(sid, path, f"unexpected {type(e).__name__}: {_one_line(e)} (rerun with -v for details)")
+            result = _failed(sid, path, f"unexpected {type(e).__name__}: {one_line(e)} (rerun with -v for details)")
         seconds = time.perf_counter() - t0
         result = dataclasses.replace(result, seconds=seconds)
         if result.status == "failed":
@@ -429,10 +429,6 @@ def outputs_valid(paths: OutputPaths, expected: Mapping[str, Any]) -> bool | str
         return f"tissue GeoJSON: {e}"
     return True
 
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 __all__ = [
