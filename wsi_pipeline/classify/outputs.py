@@ -55,6 +55,7 @@ class SlidePrediction:
     label: str | None = None
     visuals: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)  # reader, mpp, patch size, model, schedule
+    seconds: float = 0.0  # scoring time (status.csv only, not in the prediction files)
 
     @classmethod
     def failed(cls, slide_id: str, reason: str, n_patches: int | None = None) -> SlidePrediction:

@@ -20,6 +20,7 @@ embeddings, or whose embeddings fail the check, is scored from its features as b
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -29,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, CorruptOutputError, WsiPipelineError, one_line
+from ..errors import ConfigError, CorruptOutputError, one_line
 from ..progress import NullProgress, Progress
+from ..runtime.perslide import SlideStep
 from ..store.features import SlideFeatures, get_store
 from ..store.provenance import model_provenance, slide_provenance
-from ..store.status import StatusRow, append_status
 from .outputs import SlidePrediction
 from .pooling import ProjectionModel, SlideScores, score_slide_sets
 from .similarity import model_device_dtype
@@ -85,6 +86,7 @@ def score_features(
     t_all = time.perf_counter()
     digest = _projection_digest(model)
     check = _EmbeddingsCheck(model) if digest is not None else None
+    step = SlideStep(STAGE, status_dir, explain=_unreadable_features)
     progress.start(len(slide_ids))
     try:
         for sid, loaded, read_s, wait_s in _prefetched(
@@ -94,7 +96,8 @@ def score_features(
             timings["read"] += read_s
             timings["read_wait"] += wait_s
             progress.start_slide(sid, 1)
-            try:
+
+            def work(sid: str = sid, loaded: Any = loaded, t0: float = t0) -> SlidePrediction:
                 if isinstance(loaded, BaseException):
                     raise loaded
                 if model is None:
@@ -115,21 +118,15 @@ def score_features(
                     t1 = time.perf_counter()
                     row.visuals = on_scored(sid, scored[0], loaded)
                     timings["visuals"] += time.perf_counter() - t1
-            except WsiPipelineError as e:
-                row = SlidePrediction.failed(sid, f"classify: {one_line(e)}")
-            except (OSError, KeyError, ValueError) as e:  # unreadable / truncated feature file
-                row = SlidePrediction.failed(sid, f"classify: features unreadable ({type(e).__name__}: {one_line(e)}); "
-                                             "re-run embed")
-            if row.status == "failed":
-                _logger.error("%s: %s", sid, row.reason)
-            results[sid] = row
-            _status(status_dir, row, time.perf_counter() - t0)
+                return row
+
+            results[sid] = step.run(sid, work, failed=functools.partial(_failed_row, sid), seconds_from=t0)
             progress.advance(1)
-            progress.end_slide(sid, row.status)
+            progress.end_slide(sid, results[sid].status)
         for sid, reason in failed.items():
             if sid in slide_ids:
                 results[sid] = SlidePrediction.failed(sid, reason)
-                _status(status_dir, results[sid], 0.0)
+                step.record(results[sid])
     finally:
         progress.close()
     timings["scoring_total"] = time.perf_counter() - t_all
@@ -198,9 +195,15 @@ def _prefetched(ids: Sequence[str], read: Callable[[str], SlideFeatures]) -> Ite
             yield sid, value, read_s, wait_s
 
 
-def _status(out: str | os.PathLike[str] | None, row: SlidePrediction, seconds: float) -> None:
-    if out is not None:
-        append_status(out, StatusRow(row.slide_id, STAGE, row.status, row.reason, row.n_patches, seconds))
+def _failed_row(slide_id: str, reason: str) -> SlidePrediction:
+    return SlidePrediction.failed(slide_id, f"classify: {reason}")
+
+
+def _unreadable_features(e: Exception) -> str | None:
+    """A feature file that cannot be read (truncated, foreign, its h5 damaged)."""
+    if isinstance(e, (OSError, KeyError, ValueError)):
+        return f"features unreadable ({type(e).__name__}: {one_line(e)}); re-run embed"
+    return None
 
 
 __all__ = ["OnScored", "check_no_blank_patches", "score_features"]

@@ -36,14 +36,14 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ConfigError, SlideError, SlideLockedError, TooManyFailedPatchesError, WsiPipelineError
+from ..errors import ConfigError, SlideError, TooManyFailedPatchesError
 from ..progress import NullProgress, Progress
 from ..runtime.executor import RuntimeConfig, WorkerSpec, absolute, make_executor
-from ..runtime.locks import DEFAULT_LOCK_TIMEOUT_S, SlideLocks, remove_temps_of, this_host
+from ..runtime.locks import DEFAULT_LOCK_TIMEOUT_S, SlideLocks, this_host
+from ..runtime.perslide import SlideStep, worker_died
 from ..slide import open_slide
 from ..store.coords import read_coords
 from ..store.features import FEATURES_SCHEMA_VERSION, Embeddings, get_store
-from ..store.status import StatusRow, append_status
 from .context import ContextVector, load_context
 from .dataset import RegionDataset, make_loader, normalize
 from .regions import plan_regions
@@ -65,7 +65,7 @@ class EmbedConfig:
     device: str = "auto"
     precision: str = "auto"
     keep_rate: float | None = None
-    prune_layers: tuple[int, ...] | None = None
+    refine_layers: tuple[int, ...] | None = None
     context: str | None = None
     adapter: str | None = None
     store: str = "h5"
@@ -140,7 +140,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def make_model_id(
-    name: str, weights_sha256: str | None, keep_rate: float, prune_layers: Sequence[int], context_hash: str | None,
+    name: str, weights_sha256: str | None, keep_rate: float, refine_layers: Sequence[int], context_hash: str | None,
     adapter_sha256: str | None = None,
 ) -> str:
     """A folder-safe id that differs whenever the features would differ."""
@@ -149,7 +149,7 @@ def make_model_id(
         base += f"-w{weights_sha256[:8]}"
     if adapter_sha256:
         base += f"-a{adapter_sha256[:8]}"
-    refine = "full" if keep_rate >= 1.0 or not prune_layers else f"k{keep_rate:g}-l{'.'.join(map(str, prune_layers))}"
+    refine = "full" if keep_rate >= 1.0 or not refine_layers else f"k{keep_rate:g}-l{'.'.join(map(str, refine_layers))}"
     ctx = f"ctx-{context_hash[:8]}" if context_hash else "ctx-none"
     return f"{base}_{refine}_{ctx}"
 
@@ -245,10 +245,10 @@ class Encoder:
         self.batch_size = int(cfg.batch_size)
         self.autocast_dtype = _AUTOCAST[precision]
         self.keep_rate = model.keep_rate if cfg.keep_rate is None else float(cfg.keep_rate)
-        self.prune_layers = tuple(model.prune_layers if cfg.prune_layers is None else cfg.prune_layers)
+        self.refine_layers = tuple(model.refine_layers if cfg.refine_layers is None else cfg.refine_layers)
         from ..model.refine import validate_schedule
 
-        validate_schedule(self.keep_rate, self.prune_layers, model.depth)  # a usage error, not N failed slides
+        validate_schedule(self.keep_rate, self.refine_layers, model.depth)  # a usage error, not N failed slides
         if context is not None and not model._context_mlps():
             raise ConfigError(f"model {cfg.model} has no context MLPs: add --adapter FILE (trained with "
                               "'train --adapter-only') or leave out --context")
@@ -269,10 +269,10 @@ class Encoder:
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
                 feats = self.model.encode_image(
-                    x, context=self.context, keep_rate=self.keep_rate, prune_layers=self.prune_layers
+                    x, context=self.context, keep_rate=self.keep_rate, refine_layers=self.refine_layers
                 )
         else:
-            feats = self.model.encode_image(x, context=self.context, keep_rate=self.keep_rate, prune_layers=self.prune_layers)
+            feats = self.model.encode_image(x, context=self.context, keep_rate=self.keep_rate, refine_layers=self.refine_layers)
         out = feats.float().cpu().numpy()
         self.compute_seconds += time.perf_counter() - t0
         return out
@@ -380,7 +380,7 @@ class SlideEmbedder:
         context = load_context(cfg.context, model)
         self.encoder = Encoder(model, cfg, device, precision, context)
         self.model_id = make_model_id(cfg.model, model.weights_sha256, self.encoder.keep_rate,
-                                      self.encoder.prune_layers, context.sha256 if context else None,
+                                      self.encoder.refine_layers, context.sha256 if context else None,
                                       model.adapter_sha256)
         self.base_attrs = {
             "model_name": cfg.model,
@@ -390,7 +390,7 @@ class SlideEmbedder:
             "projected": False,
             "normalized": False,
             "keep_rate": float(self.encoder.keep_rate),
-            "prune_layers": list(self.encoder.prune_layers),
+            "refine_layers": list(self.encoder.refine_layers),
             "context_hash": context.sha256 if context else "none",
             "context_source": context.source if context else "none",
             "adapter_sha256": model.adapter_sha256 or "none",
@@ -403,49 +403,39 @@ class SlideEmbedder:
             "features_schema_version": FEATURES_SCHEMA_VERSION,
         }
         self.projection_sha256 = model.projection_sha256()
-        self.locks = SlideLocks(self.out_dir, STAGE, scope=self.model_id, timeout_s=lock_timeout_s)
-        self.locks.clear_stale()
+        locks = SlideLocks(self.out_dir, STAGE, scope=self.model_id, timeout_s=lock_timeout_s)
+        locks.clear_stale()
+        self.step = SlideStep(STAGE, self.out_dir, locks=locks)
 
     def __call__(self, coords_path: str | os.PathLike[str], progress: Progress) -> EmbedResult:
         """Embed one slide under its lock (``skipped`` when its features validate or a live run holds it)."""
         coords_path = Path(coords_path)
         slide_id = coords_path.stem
-        t0, compute0 = time.perf_counter(), self.encoder.compute_seconds
+        compute0 = self.encoder.compute_seconds
         result = EmbedResult(slide_id, "failed", model_id=self.model_id, worker=f"{this_host()}:{os.getpid()}")
-        lock = None
-        try:
-            try:
-                coords, cattrs = read_coords(coords_path)
-                result.n_patches = len(coords)
-                lock = self.locks.acquire(slide_id)
-                final = self.store.path_for(self.features_dir, self.model_id, slide_id)
-                remove_temps_of(final)  # we hold the lock: any temp file of this slide is a dead run's
-                check_slide_unchanged(cattrs, self.cfg.slides_dir)
-                reason = "overwrite requested" if self.cfg.overwrite else self.store.validate(
-                    self.features_dir, self.model_id, slide_id, coords, cattrs)
-                if reason is None:
-                    result.status, result.reason, result.path = "skipped", "features exist and validate", str(final)
-                else:
-                    _logger.debug("%s: embedding (%s)", slide_id, reason)
-                    self._embed(coords, cattrs, result, progress)
-            except SlideLockedError as e:
-                result.status, result.reason = "skipped", str(e)
-                _logger.info("%s: skipped, %s", slide_id, e)
-            except WsiPipelineError as e:
-                result.reason = str(e)
-                _logger.error("%s: %s", slide_id, e)
-            except Exception as e:  # unexpected: keep the batch going, keep the traceback in debug logs
-                result.reason = f"{type(e).__name__}: {e}"
-                _logger.error("%s: unexpected error: %s", slide_id, result.reason)
-                _logger.debug("traceback", exc_info=True)
-            result.seconds = time.perf_counter() - t0
-            result.compute_seconds = self.encoder.compute_seconds - compute0
-            progress.end_slide(slide_id, result.status)
-            append_status(self.out_dir, StatusRow(slide_id, STAGE, result.status, result.reason, result.n_patches,
-                                                  result.seconds))
-        finally:
-            if lock is not None:
-                lock.release()
+
+        def work() -> EmbedResult:
+            coords, cattrs = read_coords(coords_path)
+            result.n_patches = len(coords)
+            check_slide_unchanged(cattrs, self.cfg.slides_dir)
+            reason = "overwrite requested" if self.cfg.overwrite else self.store.validate(
+                self.features_dir, self.model_id, slide_id, coords, cattrs)
+            if reason is None:
+                result.status, result.reason = "skipped", "features exist and validate"
+                result.path = str(self.store.path_for(self.features_dir, self.model_id, slide_id))
+            else:
+                _logger.debug("%s: embedding (%s)", slide_id, reason)
+                self._embed(coords, cattrs, result, progress)
+            return result
+
+        # ``result`` carries what was learnt before a failure (patch counts, data wait)
+        result = self.step.run(
+            slide_id, work, failed=lambda reason: dataclasses.replace(result, status="failed", reason=reason),
+            skipped=lambda reason: dataclasses.replace(result, status="skipped", reason=reason),
+            outputs=(self.store.path_for(self.features_dir, self.model_id, slide_id),),  # a dead run's temp files
+        )
+        result.compute_seconds = self.encoder.compute_seconds - compute0
+        progress.end_slide(slide_id, result.status)
         return result
 
     def _embed(self, coords: np.ndarray, cattrs: dict[str, Any], result: EmbedResult, progress: Progress) -> None:
@@ -478,10 +468,8 @@ def check_failed_patches(n_failed: int, n_patches: int, max_fraction: float) -> 
         )
 
 
-def _worker_died(out_dir: str, coords_path: str, reason: str) -> EmbedResult:
-    slide_id = Path(coords_path).stem
-    append_status(out_dir, StatusRow(slide_id, STAGE, "failed", reason))
-    return EmbedResult(slide_id, "failed", reason)
+def _failed_item(coords_path: str, reason: str) -> EmbedResult:
+    return EmbedResult(Path(coords_path).stem, "failed", reason)
 
 
 def embed_slides(
@@ -524,7 +512,7 @@ def embed_slides(
                 out_dir, model = out_dir.absolute(), None
             spec = WorkerSpec(
                 functools.partial(SlideEmbedder, str(out_dir), cfg, runtime.lock_timeout_s, model),
-                on_error=functools.partial(_worker_died, str(out_dir)), label=lambda p: Path(p).stem,
+                on_error=functools.partial(worker_died, STAGE, str(out_dir), _failed_item), label=lambda p: Path(p).stem,
                 num_gpus=runtime.gpus_per_worker,
             )
             results = ex.map(spec, [str(p) for p in coords_files], progress)

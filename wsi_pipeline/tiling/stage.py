@@ -20,7 +20,6 @@ import functools
 import json
 import logging
 import os
-import time
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,13 +28,13 @@ from typing import Any
 
 from .. import __version__
 from ..config import TilingConfig, load_mpp_csv, load_slide_params
-from ..errors import ConfigError, MissingMppError, SlideError, SlideLockedError, WsiPipelineError, one_line
+from ..errors import ConfigError, MissingMppError, SlideError
 from ..progress import NullProgress, Progress
 from ..runtime.executor import RuntimeConfig, WorkerSpec, absolute, make_executor
-from ..runtime.locks import DEFAULT_LOCK_TIMEOUT_S, SlideLocks, remove_temps_of
+from ..runtime.locks import DEFAULT_LOCK_TIMEOUT_S, SlideLocks
+from ..runtime.perslide import SlideStep, worker_died
 from ..slide.base import SlideInfo, is_finite_positive
 from ..store.atomic import ensure_writable_dir, remove_stale_temps
-from ..store.status import StatusRow, append_status
 
 _logger = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ def tile_slides(
             spec = WorkerSpec(
                 functools.partial(TileWorker, str(out), config, overwrite, dict(overrides), runtime.lock_timeout_s,
                                   per_slide),
-                on_error=functools.partial(_worker_died, str(out)), label=lambda item: item[1],
+                on_error=functools.partial(worker_died, STAGE, str(out), _failed_item), label=lambda item: item[1],
             )
             return ex.map(spec, items, progress)
     finally:
@@ -197,9 +196,8 @@ def slide_key(table: Mapping[str, Any], slide_id: str, path: str | os.PathLike[s
     return slide_id if slide_id in table else name if name in table else None
 
 
-def _worker_died(out_dir: str, item: tuple[str, str], reason: str) -> TileResult:
+def _failed_item(item: tuple[str, str], reason: str) -> TileResult:
     path, sid = item
-    append_status(out_dir, StatusRow(sid, STAGE, "failed", reason))
     return _failed(sid, path, reason)
 
 
@@ -227,33 +225,13 @@ def tile_slide(
     config = config or TilingConfig()
     path = os.fspath(path)
     sid = slide_id or slide_id_from_path(path)
-    t0 = time.perf_counter()
-    locks = SlideLocks(out_dir, STAGE, timeout_s=lock_timeout_s)
-    lock = None
-    try:
-        try:
-            lock = locks.acquire(sid)
-            outputs = OutputPaths.of(out_dir, sid)
-            for final in (outputs.coords, outputs.thumbnail, outputs.tissue):  # leftovers of a dead holder
-                remove_temps_of(final)
-            result = _tile(path, Path(out_dir), config, sid, overwrite, mpp_overrides or {})
-        except SlideLockedError as e:
-            result = TileResult(sid, path, "skipped", str(e))
-            _logger.info("%s: skipped, %s", sid, e)
-        except WsiPipelineError as e:
-            result = _failed(sid, path, one_line(e))
-        except Exception as e:  # a bug or an unexpected library error: still one line, batch goes on
-            _logger.debug("%s: unexpected error", sid, exc_info=True)
-            result = _failed(sid, path, f"unexpected {type(e).__name__}: {one_line(e)} (rerun with -v for details)")
-        seconds = time.perf_counter() - t0
-        result = dataclasses.replace(result, seconds=seconds)
-        if result.status == "failed":
-            _logger.error("%s: %s", sid, result.reason)
-        append_status(out_dir, StatusRow(sid, STAGE, result.status, result.reason, result.n_patches, seconds))
-    finally:
-        if lock is not None:
-            lock.release()
-    return result
+    outputs = OutputPaths.of(out_dir, sid)
+    step = SlideStep(STAGE, out_dir, locks=SlideLocks(out_dir, STAGE, timeout_s=lock_timeout_s))
+    return step.run(
+        sid, lambda: _tile(path, Path(out_dir), config, sid, overwrite, mpp_overrides or {}),
+        failed=lambda reason: _failed(sid, path, reason), skipped=lambda reason: TileResult(sid, path, "skipped", reason),
+        outputs=(outputs.coords, outputs.thumbnail, outputs.tissue),  # temp files of a dead holder
+    )
 
 
 def _failed(sid: str, path: str, reason: str) -> TileResult:
