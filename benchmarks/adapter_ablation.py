@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     keep = native.keep_rate
     rows = [
         ("zero-shot, no refinement", native, None, 1.0),
-        (f"+ refinement (keep {keep:g} at blocks {list(native.prune_layers)})", native, None, keep),
+        (f"+ refinement (keep {keep:g} at blocks {list(native.refine_layers)})", native, None, keep),
         ("+ refinement + the backbone's own context MLPs", native, context, keep),
         ("+ refinement + trained context adapter", adapted, context, keep),
         ("diagnostic: adapter fed the true class's text *", adapted, "label", keep),

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     )
     modes = {
         "unrefined": lambda: model.encode_image(x, keep_rate=1.0),
-        "refined": lambda: model.encode_image(x, keep_rate=args.keep, prune_layers=layers),
+        "refined": lambda: model.encode_image(x, keep_rate=args.keep, refine_layers=layers),
     }
     times: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}

@@ -87,13 +87,13 @@ def test_round_trip_is_exact_and_declares_its_base(tmp_path, name):
     assert meta["format"] == ADAPTER_FORMAT and meta["base_model"] == name
     assert meta["base_weights_sha256"] == model.weights_sha256 and json.loads(meta["layers"]) == [0, 2]
     assert float(meta["alpha"]) == 0.2 and meta["hidden"] == "16" and float(meta["keep_rate"]) == 0.7
-    assert json.loads(meta["prune_layers"]) == list(model.prune_layers) == [1, 2]
+    assert json.loads(meta["refine_layers"]) == list(model.refine_layers) == [1, 2]
     assert keys == sorted(f"context_mlp.{b}.{i}.{w}" for b in (0, 2) for i in (0, 2) for w in ("weight", "bias"))
 
     fresh = create_model(name, weights=weights)
     info = load_adapter(fresh, path)
     assert info.sha256 == sha == fresh.adapter_sha256 and fresh.context_alpha == 0.2
-    assert fresh.prune_layers == (1, 2) and fresh.keep_rate == 0.7  # the schedule it was trained with
+    assert fresh.refine_layers == (1, 2) and fresh.keep_rate == 0.7  # the schedule it was trained with
     with torch.no_grad():
         out = fresh.encode_image(_x(), context=_ctx(fresh))
         plain = fresh.encode_image(_x())
@@ -318,3 +318,24 @@ def test_training_feeds_the_prompt_files_context_sentence(rois, tmp_path, monkey
     res = train_model(_adapter_cfg(rois, path, tmp_path / "run", weights, epochs=1, steps_per_epoch=2))
     expected = res.model.encode_prompts([prompts["context"]])[0]
     assert len(seen) == 2 and all(torch.allclose(c, expected, atol=1e-6) for c in seen)
+
+
+def test_adapters_written_under_the_old_refinement_name_still_load(tmp_path):
+    """Adapters of earlier versions record their schedule as ``prune_layers``; they load the same."""
+    from safetensors.torch import load_file, save_file
+
+    model = create_model("convlm_test")
+    torch.manual_seed(1)
+    new_adapter(model, layers=(0, 2), hidden=16, alpha=0.2)
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["prune_layers"] = meta.pop("refine_layers")
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata=meta)
+    assert read_adapter(old)[0].refine_layers == read_adapter(path)[0].refine_layers == (1, 2)
+    del meta["prune_layers"]
+    save_file(load_file(str(path)), str(old), metadata=meta)
+    with pytest.raises(CheckpointError, match="incomplete metadata"):
+        read_adapter(old)

@@ -240,7 +240,7 @@ def test_every_output_file_records_its_provenance(run, slides: Path) -> None:
     slide_side = {"slide_id": "s2", "backend": "tiffslide", "mpp_level0": 0.5, "mpp_source": "tiffslide.mpp-x",
                   "target_mpp": 1.0, "patch_size": 64, "patch_size_level0": 128, "wsi_pipeline_version": __version__}
     model_side = {"model_name": "convlm_test", "model_id": run.model_id, "weights_sha256": fattrs["weights_sha256"],
-                  "keep_rate": 0.7, "prune_layers": [1, 2], "context_hash": "none", "precision": "fp32"}
+                  "keep_rate": 0.7, "refine_layers": [1, 2], "context_hash": "none", "precision": "fp32"}
     assert cattrs["backend"] == "tiffslide" and cattrs["mpp_source"] == "tiffslide.mpp-x"
 
     thumb = read_png_provenance(out / "thumbnails" / "s2.png")
@@ -430,7 +430,9 @@ def test_stored_embeddings_are_checked_and_old_files_still_score(run, slides: Pa
     dst = tmp_path / "features" / run.model_id
     shutil.copytree(src, dst)
     with h5py.File(dst / "s1.h5", "a") as f:
-        del f["embeddings"]  # as written before embeddings were stored
+        del f["embeddings"]  # as written before embeddings were stored,
+        f.attrs["prune_layers"] = f.attrs["refine_layers"]  # and before refinement had one name
+        del f.attrs["refine_layers"]
     with h5py.File(dst / "s2.h5", "a") as f:
         f["embeddings"][:] = f["embeddings"][:][::-1]  # rows no longer match their features
     with h5py.File(dst / "s3.h5", "a") as f:
@@ -439,6 +441,7 @@ def test_stored_embeddings_are_checked_and_old_files_still_score(run, slides: Pa
         rows, _, _ = score_features(tmp_path / "features", run.model_id, ["s1", "s2", "s3"], model,
                                     [torch.as_tensor(text).float()], prompts.class_names, (10,))
     assert "s2: stored embeddings disagree" in caplog.text and "s1:" not in caplog.text
+    assert [r.provenance["refine_layers"] for r in rows] == [[1, 2]] * 3
     for row in rows:
         with h5py.File(dst / f"{row.slide_id}.h5", "r") as f:
             feats = f["features"][:]

@@ -75,7 +75,7 @@ def test_features_equal_per_patch_reference(tiled, tmp_path):
         np.testing.assert_allclose(sf.features, ref, atol=1e-5, rtol=0)
         assert sf.attrs["complete"] is True and sf.attrs["projected"] is False
         assert sf.attrs["n_failed_patches"] == 0
-        assert sf.attrs["prune_layers"] and 0 < sf.attrs["keep_rate"] <= 1
+        assert sf.attrs["refine_layers"] and 0 < sf.attrs["keep_rate"] <= 1
         coords, cattrs = read_coords(out / "coords" / f"{sid}.h5")
         np.testing.assert_array_equal(sf.coords, coords)
         assert sf.coords_attrs["patch_size_level0"] == cattrs["patch_size_level0"]
@@ -236,12 +236,15 @@ def test_cli_embed_usage_errors(tiled, tmp_path):
     out = _copy_out(tiled, tmp_path)
     res = CliRunner().invoke(main, ["embed", str(out), "--model", "no_such_model"])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
-    res = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--prune-layers", "a,b"])
-    assert res.exit_code == 2 and "--prune-layers" in res.output
+    res = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--refine-layers", "a,b"])
+    assert res.exit_code == 2 and "--refine-layers" in res.output
     # checked against the model once, before any slide: not one failure per slide
-    res = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--prune-layers", "1,9", "-q"])
+    res = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--refine-layers", "1,9", "-q"])
     assert res.exit_code == 2 and res.output.strip().splitlines() == [
-        "error: prune layers [9] are outside the model's blocks 0..3; pick 0-based block indices"], res.output
+        "error: refine layers [9] are outside the model's blocks 0..3; pick 0-based block indices"], res.output
+    old = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--prune-layers", "1,9", "-q"])
+    assert old.output == res.output  # the former flag name still works, and is not shown in --help
+    assert "--prune-layers" not in CliRunner().invoke(main, ["embed", "--help"]).output
     res = CliRunner().invoke(main, ["embed", str(out), "--model", "convlm_test", "--device", "tpu", "-q"])
     assert res.exit_code == 2 and res.output.strip().splitlines() == [
         "error: --device 'tpu' is not a device; use auto, cpu, cuda or cuda:N"], res.output

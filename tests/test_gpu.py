@@ -98,7 +98,7 @@ def kept_token_agreement(device: str, per_class: int = 16) -> dict[str, float]:
         ref, aux = model.forward_features(x, return_aux=True)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             low, aux_low = model.forward_features(x, return_aux=True)
-    assert sorted(aux.kept_index) == sorted(aux_low.kept_index) == sorted(model.prune_layers)
+    assert sorted(aux.kept_index) == sorted(aux_low.kept_index) == sorted(model.refine_layers)
     same = torch.ones(len(x), dtype=torch.bool)
     jaccard = []
     for block, kept in aux.kept_index.items():

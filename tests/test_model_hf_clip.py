@@ -226,7 +226,7 @@ def test_refinement_and_context_adapter(gelu_dir):
     from wsi_pipeline.model.adapter import new_adapter
 
     model = create_model("hf_clip", weights=gelu_dir)
-    assert model.prune_layers == (1, 2) and model.keep_rate == 0.7
+    assert model.refine_layers == (1, 2) and model.keep_rate == 0.7
     x = _pixels(2, 32, seed=7)
     with torch.no_grad():
         full, aux_full = model.forward_features(x, keep_rate=1.0, return_aux=True)

@@ -57,7 +57,7 @@ def test_unrefined_equals_open_clip_encode_image(tiny_arch):
             rtol=0,
         )
     assert model.embed_dim == 64 and model.proj_dim == 32 and model.input_size == 32
-    assert model.prune_layers == (1, 2) and model.keep_rate == 0.7
+    assert model.refine_layers == (1, 2) and model.keep_rate == 0.7
     assert model.logit_scale is clip.logit_scale
 
 
@@ -116,8 +116,8 @@ def test_refined_equals_native_refinement_on_same_weights(tiny_arch):
         torch.testing.assert_close(
             native.encode_image(x, keep_rate=1.0), model.encode_image(x, keep_rate=1.0), atol=1e-5, rtol=0
         )
-        a, aux_a = model.forward_features(x, keep_rate=0.6, prune_layers=(1, 2), return_aux=True)
-        b, aux_b = native.forward_features(x, keep_rate=0.6, prune_layers=(1, 2), return_aux=True)
+        a, aux_a = model.forward_features(x, keep_rate=0.6, refine_layers=(1, 2), return_aux=True)
+        b, aux_b = native.forward_features(x, keep_rate=0.6, refine_layers=(1, 2), return_aux=True)
         full = model.encode_image(x, keep_rate=1.0)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert (a - full).abs().max() > 1e-3
@@ -157,7 +157,7 @@ def test_open_clip_checkpoint_loads_with_its_own_keys(tiny_arch, tmp_path):
 def test_real_architectures_construct_on_meta(arch, patch):
     model = create_model(f"open_clip:{arch}", device="meta")
     assert (model.embed_dim, model.proj_dim, model.input_size, model.patch_size) == (768, 512, 224, patch)
-    assert model.prune_layers == (3, 6, 9) and model.depth == 12 and model.num_heads == 12
+    assert model.refine_layers == (3, 6, 9) and model.depth == 12 and model.num_heads == 12
     assert model.tokenize(["x"]).shape == (1, 77)
     x = torch.empty(2, 3, 224, 224, device="meta")
     assert model.encode_image(x, project=True).shape == (2, 512)

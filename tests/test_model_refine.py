@@ -151,9 +151,9 @@ def test_keep_rate_one_is_exactly_the_plain_vit():
     with torch.no_grad():
         plain = model.visual(x)
         assert torch.equal(model.encode_image(x, keep_rate=1.0), plain)
-        assert torch.equal(model.encode_image(x, prune_layers=()), plain)
+        assert torch.equal(model.encode_image(x, refine_layers=()), plain)
         # keep rates that keep every token at every block (ceil(0.97 * 16) = 16) are no-ops too
-        assert torch.equal(model.encode_image(x, keep_rate=0.97, prune_layers=(1, 2)), plain)
+        assert torch.equal(model.encode_image(x, keep_rate=0.97, refine_layers=(1, 2)), plain)
         # asking for aux outputs routes blocks 1 and 2 through the explicit path: still identical
         feats, aux = model.forward_features(x, keep_rate=1.0, return_aux=True)
     assert torch.equal(feats, plain)
@@ -244,9 +244,9 @@ def test_bad_schedule_context_and_images_raise_config_errors():
     for kw in (
         {"keep_rate": 0.0},
         {"keep_rate": 1.5},
-        {"prune_layers": (4,)},
-        {"prune_layers": (-1,)},
-        {"prune_layers": (1.5,)},
+        {"refine_layers": (4,)},
+        {"refine_layers": (-1,)},
+        {"refine_layers": (1.5,)},
         {"context": torch.zeros(model.proj_dim + 1)},
         {"context": torch.zeros(3, model.proj_dim)},
         {"context": torch.full((model.proj_dim,), float("nan"))},

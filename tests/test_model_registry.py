@@ -75,10 +75,10 @@ def test_contract_shapes_on_meta(name, weights_for):
         v, r, p = cfg["vision_cfg"], cfg["refine"], cfg["preprocess"]
         assert model.width == v["width"] and model.proj_dim == cfg["embed_dim"]
         assert model.input_size == p["input_size"] and model.context_alpha == r["alpha"] == 0.1
-        assert model.prune_layers == tuple(r["layers"])
+        assert model.refine_layers == tuple(r["layers"])
     assert model.input_size % model.patch_size == 0
     assert len(model.mean) == len(model.std) == 3 and all(s > 0 for s in model.std)
-    assert model.keep_rate == 0.7 and all(0 < i < model.depth for i in model.prune_layers)
+    assert model.keep_rate == 0.7 and all(0 < i < model.depth for i in model.refine_layers)
     assert model.weights_sha256 is None and model.adapter_sha256 is None
     assert isinstance(model.logit_scale, torch.nn.Parameter) and model.logit_scale.shape == ()
     assert model.projection_matrix().shape == (model.embed_dim, model.proj_dim)

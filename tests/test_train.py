@@ -238,7 +238,7 @@ def test_context_l1_term_matches_a_plain_computation(model_and_batch: tuple) -> 
         f = model.encode_image(x, context=ctx)
         z = F.normalize(f @ model.image_projection, dim=-1)
         ce = F.cross_entropy(model.logit_scale.exp() * z @ t.t(), y)
-        l1 = sum((model.context_mlp[str(b)](ctx) - f).abs().mean() for b in model.prune_layers)
+        l1 = sum((model.context_mlp[str(b)](ctx) - f).abs().mean() for b in model.refine_layers)
     assert out.parts["context_l1"] == pytest.approx(float(l1), rel=1e-5)
     assert out.total.item() == pytest.approx(float(ce + 0.5 * l1), rel=1e-5)
 
@@ -247,10 +247,10 @@ def test_cls_regression_term_needs_heads_and_is_positive(model_and_batch: tuple)
     model, x, y, t = model_and_batch
     with pytest.raises(ConfigError, match="regression heads"):
         convlm_loss(model, x, y, t, LossWeights(1.0, 0.0, 1.0), context=None)
-    heads = ClsRegressionHeads(list(model.prune_layers), model.embed_dim, model.proj_dim)
+    heads = ClsRegressionHeads(list(model.refine_layers), model.embed_dim, model.proj_dim)
     out = convlm_loss(model, x, y, t, LossWeights(1.0, 0.0, 1.0), context=None, heads=heads)
     # with zero-initialised biases and tiny weights the prediction is ~0: L1 ~ mean |target| per block
-    expected = len(model.prune_layers) * float(t[y].abs().mean())
+    expected = len(model.refine_layers) * float(t[y].abs().mean())
     assert out.parts["cls_l1"] == pytest.approx(expected, rel=0.2)
 
 

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -147,6 +147,22 @@ def _config_key(param: click.Parameter) -> str:
     """The run-config key of a parameter: its long flag (``--out`` → ``out``) or the argument's name."""
     longs = [o for o in param.opts if o.startswith("--")] if isinstance(param, click.Option) else []
     return longs[0][2:].replace("-", "_") if longs else str(param.name)
+
+
+class OldNamesOption(click.Option):
+    """An option that still accepts its former flag names (``old_names``) but shows only its current one."""
+
+    def __init__(self, *args: Any, old_names: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.old_names = tuple(old_names)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        opts = self.opts
+        self.opts = [o for o in opts if o not in self.old_names]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
 
 
 class SectionedCommand(click.Command):
@@ -403,7 +419,8 @@ _EMBED_OPTIONS = [
                  show_default=True, help="auto: bf16 on CUDA, fp32 on CPU."),
     click.option("--keep-rate", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                  help="Token keep rate at refining blocks (1.0: no refinement) [model default]."),
-    click.option("--prune-layers", default=None, help="Refining blocks, 0-based, e.g. 3,6,9 [model default]."),
+    click.option("--refine-layers", "--prune-layers", "refine_layers", cls=OldNamesOption, old_names=("--prune-layers",),
+                 default=None, help="Refining blocks, 0-based, e.g. 3,6,9 [model default]."),
     click.option("--context", "context", default=None,
                  help="Prompt file (or shipped name) whose classes give the context vector, or 'none'."),
     click.option("--store", type=click.Choice(_store_names()), default="h5", show_default=True),
@@ -440,12 +457,12 @@ def _block_indices(value: str | None, flag: str) -> tuple[int, ...] | None:
 def _embed_config(params: dict[str, Any], overwrite: bool = False) -> Any:
     from .embed.runner import EmbedConfig
 
-    layers = _block_indices(params.get("prune_layers"), "--prune-layers")
+    layers = _block_indices(params.get("refine_layers"), "--refine-layers")
     context = params.get("context")
     return EmbedConfig(
         model=params["model"], weights=params.get("weights"), batch_size=params["batch_size"],
         workers=params["workers"], device=params["device"], precision=params["precision"],
-        keep_rate=params.get("keep_rate"), prune_layers=layers,
+        keep_rate=params.get("keep_rate"), refine_layers=layers,
         context=None if context in (None, "none") else _resolve("prompts", context, "--context"),
         adapter=params.get("adapter"), store=params["store"],
         slides_dir=params.get("slides_dir"), region_size=params["region_size"], overwrite=overwrite,

@@ -18,7 +18,7 @@ ViT uses in its own checkpoint, and string metadata:
     random init); :func:`load_adapter` refuses any other base.
 ``layers``, ``alpha``
     Guided blocks (JSON list) and mixing weight.
-``keep_rate``, ``prune_layers``
+``keep_rate``, ``refine_layers``
     The refinement schedule it was trained with; it becomes the adapted model's default.
 ``hidden``, ``proj_dim``, ``width``, ``wsi_pipeline_version``
     Shapes (checked against the model) and the writing version.
@@ -62,7 +62,7 @@ class AdapterInfo:
     layers: tuple[int, ...]
     alpha: float
     keep_rate: float
-    prune_layers: tuple[int, ...]
+    refine_layers: tuple[int, ...]
     hidden: int
     proj_dim: int
     width: int
@@ -79,7 +79,7 @@ def new_adapter(
     ``layers`` default to the model's refinement blocks, ``hidden`` to its width; the MLPs
     are drawn from the global torch RNG (seed it) and put on the model's device and dtype.
     """
-    layers = tuple(model.prune_layers if layers is None else layers)
+    layers = tuple(model.refine_layers if layers is None else layers)
     if not layers:
         raise ConfigError(f"an adapter needs at least one guided block; {model.name} has no refinement blocks")
     if not 0.0 < float(alpha) <= 1.0:
@@ -103,7 +103,7 @@ def adapter_state(model: ConVLM) -> dict[str, torch.Tensor]:
 def save_adapter(model: ConVLM, path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> str:
     """Write ``model``'s context MLPs as an adapter file; return (and record) its sha256.
 
-    The model's current default schedule (``keep_rate``, ``prune_layers``) is recorded as the
+    The model's current default schedule (``keep_rate``, ``refine_layers``) is recorded as the
     one the adapter was trained with.
     """
     from .. import __version__
@@ -118,7 +118,7 @@ def save_adapter(model: ConVLM, path: str | os.PathLike[str], dtype: torch.dtype
         "layers": json.dumps(layers),
         "alpha": repr(float(model.context_alpha)),
         "keep_rate": repr(float(model.keep_rate)),
-        "prune_layers": json.dumps(list(model.prune_layers)),
+        "refine_layers": json.dumps(list(model.refine_layers)),
         "hidden": str(int(first[0].out_features)),
         "proj_dim": str(int(model.proj_dim)),
         "width": str(int(model.width)),
@@ -163,7 +163,8 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[AdapterInfo, dict[str, t
             layers=tuple(int(i) for i in json.loads(meta["layers"])),
             alpha=float(meta["alpha"]),
             keep_rate=float(meta["keep_rate"]),
-            prune_layers=tuple(int(i) for i in json.loads(meta["prune_layers"])),
+            # "prune_layers": the name adapters written before the refinement vocabulary was unified use
+            refine_layers=tuple(int(i) for i in json.loads(meta.get("refine_layers", meta.get("prune_layers")))),
             hidden=int(meta["hidden"]),
             proj_dim=int(meta["proj_dim"]),
             width=int(meta["width"]),
@@ -214,10 +215,10 @@ def load_adapter(model: ConVLM, path: str | os.PathLike[str]) -> AdapterInfo:
         raise CheckpointError(f"adapter file {name} has tensors of the wrong shape ({str(e).splitlines()[-1].strip()})") from e
     from .refine import validate_schedule
 
-    validate_schedule(info.keep_rate, info.prune_layers, model.depth)
+    validate_schedule(info.keep_rate, info.refine_layers, model.depth)
     _match_model(mlps, model)
     model.set_context_mlps(mlps, info.alpha)
-    model.keep_rate, model.prune_layers = info.keep_rate, info.prune_layers
+    model.keep_rate, model.refine_layers = info.keep_rate, info.refine_layers
     model.adapter_sha256 = info.sha256
     _logger.info("attached adapter %s (blocks %s, alpha %g, sha256 %s) to %s", name, list(info.layers), info.alpha,
                  info.sha256[:12], model.name)

@@ -83,7 +83,7 @@ def get_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(_load(name))
 
 
-def default_prune_layers(depth: int) -> tuple[int, ...]:
+def default_refine_layers(depth: int) -> tuple[int, ...]:
     """EViT's placement generalised to any depth: blocks ``depth*k//4`` for k = 1, 2, 3 (12 → 3, 6, 9)."""
     return tuple(sorted({depth * k // 4 for k in (1, 2, 3)} & set(range(1, depth))))
 
@@ -143,7 +143,7 @@ __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "config_dir",
-    "default_prune_layers",
+    "default_refine_layers",
     "get_config",
     "list_configs",
     "validate_config",

@@ -2,7 +2,7 @@
 
 Forward pass of the vision tower (see :mod:`wsi_pipeline.model.refine` for the token rules):
 
-* **Pruning blocks** (``prune_layers``, default ``cfg.refine.layers``): after the attention
+* **Pruning blocks** (``refine_layers``, default ``cfg.refine.layers``): after the attention
   residual and before the MLP, keep the ``ceil(keep_rate * M)`` image tokens with the
   highest head-averaged CLS attention and fuse the rest into one token (EViT).
 * **Guided blocks** (``cfg.refine.layers``; they own a context MLP ``g_b``): when a context
@@ -15,7 +15,7 @@ Forward pass of the vision tower (see :mod:`wsi_pipeline.model.refine` for the t
   ``alpha = 0``.
 * Attention outputs always come from ``scaled_dot_product_attention``; in a pruning block
   the CLS row of the attention probabilities is computed explicitly (the full ``N × N``
-  matrix is never materialised). With ``keep_rate = 1`` nothing is pruned and, without a
+  matrix is never materialised). With ``keep_rate = 1`` no token is dropped and, without a
   context, the forward pass is exactly the unrefined ViT.
 
 The pre-projection feature is the CLS token after the final LayerNorm (``embed_dim`` wide)
@@ -115,7 +115,7 @@ class ConVLM(nn.Module):
         into another width, as CONCH's attentional pooler does); context MLPs output this.
     input_size, mean, std
         Native input size (px) and normalisation constants for the embed stage.
-    keep_rate, prune_layers
+    keep_rate, refine_layers
         Default refinement schedule (``cfg.refine``).
     context_alpha
         Mixing weight of the context guidance.
@@ -157,7 +157,7 @@ class ConVLM(nn.Module):
         self.mean = tuple(float(v) for v in pre["mean"])
         self.std = tuple(float(v) for v in pre["std"])
         self.keep_rate = float(refine["keep_rate"])
-        self.prune_layers = tuple(int(i) for i in refine["layers"])
+        self.refine_layers = tuple(int(i) for i in refine["layers"])
         self.context_alpha = float(refine["alpha"])
         self.weights_sha256: str | None = None
         self.weights_path: str | None = None
@@ -240,7 +240,7 @@ class ConVLM(nn.Module):
         context: torch.Tensor | None = None,
         project: bool = False,
         keep_rate: float | None = None,
-        prune_layers: Sequence[int] | None = None,
+        refine_layers: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """CLS features ``(B, embed_dim)``, or L2-normalised ``(B, proj_dim)`` with ``project=True``.
 
@@ -251,10 +251,10 @@ class ConVLM(nn.Module):
             (other sizes than ``input_size`` resample the position embedding bicubically).
         context
             ``(proj_dim,)`` or ``(B, proj_dim)`` vector in the joint text space, or ``None``.
-        keep_rate, prune_layers
+        keep_rate, refine_layers
             Override the default refinement schedule; ``keep_rate=1.0`` switches pruning off.
         """
-        feats = self.forward_features(x, context, keep_rate, prune_layers)
+        feats = self.forward_features(x, context, keep_rate, refine_layers)
         return self.project(feats) if project else feats
 
     def forward(
@@ -263,21 +263,21 @@ class ConVLM(nn.Module):
         context: torch.Tensor | None = None,
         project: bool = False,
         keep_rate: float | None = None,
-        prune_layers: Sequence[int] | None = None,
+        refine_layers: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Same as :meth:`encode_image`."""
-        return self.encode_image(x, context, project, keep_rate, prune_layers)
+        return self.encode_image(x, context, project, keep_rate, refine_layers)
 
     def forward_features(
         self,
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         keep_rate: float | None = None,
-        prune_layers: Sequence[int] | None = None,
+        refine_layers: Sequence[int] | None = None,
         return_aux: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, RefineAux]:
         """The refined CLS feature ``(B, embed_dim)``; with ``return_aux`` also a :class:`RefineAux`."""
-        keep, layers = self._schedule(keep_rate, prune_layers)
+        keep, layers = self._schedule(keep_rate, refine_layers)
         x = x.to(self._param_dtype()) if x.is_floating_point() else x
         tokens = self._embed(x)
         b, n, _ = tokens.shape
@@ -311,14 +311,14 @@ class ConVLM(nn.Module):
         return torch.float32
 
     def _schedule(
-        self, keep_rate: float | None, prune_layers: Sequence[int] | None
+        self, keep_rate: float | None, refine_layers: Sequence[int] | None
     ) -> tuple[float, frozenset[int]]:
         keep = self.keep_rate if keep_rate is None else keep_rate
-        layers = self.prune_layers if prune_layers is None else prune_layers
+        layers = self.refine_layers if refine_layers is None else refine_layers
         try:
             layers = tuple(operator.index(i) for i in layers)
         except TypeError as e:
-            raise ConfigError(f"prune layers must be integers, got {layers!r}") from e
+            raise ConfigError(f"refine layers must be integers, got {layers!r}") from e
         validate_schedule(keep, layers, self.depth)
         return float(keep), frozenset(layers)
 

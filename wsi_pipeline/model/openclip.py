@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, default_prune_layers
+from .config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, default_refine_layers
 from .convlm import ConVLM, clip_tokenizer
 from .refine import resample_pos_embed
 from .vit import BlockOps, check_image
@@ -100,7 +100,7 @@ class OpenClipConVLM(ConVLM):
             **model_cfg,
             "refine": {
                 "keep_rate": DEFAULT_KEEP_RATE,
-                "layers": list(default_prune_layers(depth)),
+                "layers": list(default_refine_layers(depth)),
                 "alpha": 0.0,
                 "context": False,
             },

@@ -8,7 +8,7 @@ Conventions used throughout :mod:`wsi_pipeline.model`:
 * At a refining block with keep rate ``r`` the ``k = ceil(r * M)`` image tokens with the
   highest head-averaged CLS attention are kept (``ceil`` with a 1e-9 tolerance: ``0.55 * 100``
   is 55.00000000000001 in floating point and keeps 55, not 56). If ``k >= M`` the block does
-  not prune at all.
+  not refine at all.
 * Kept tokens stay in their **incoming sequence order** (the top-k indices are sorted),
   so a run is deterministic and position information stays with each token.
 * The dropped tokens are fused into one token ``sum_i a_i x_i`` appended at the end, with
@@ -39,7 +39,7 @@ def num_kept(num_image_tokens: int, keep_rate: float) -> int:
 
 
 def token_schedule(
-    num_patches: int, depth: int, keep_rate: float, prune_layers: Sequence[int]
+    num_patches: int, depth: int, keep_rate: float, refine_layers: Sequence[int]
 ) -> list[tuple[int, int]]:
     """Sequence lengths (CLS included) seen by every block: ``[(attention_len, mlp_len), ...]``.
 
@@ -47,8 +47,8 @@ def token_schedule(
     (kept + one fused token). At 224 px / patch 16 with keep 0.7 at (3, 6, 9) the lengths
     are 197 → 140 → 100 → 72, as in the EViT paper.
     """
-    validate_schedule(keep_rate, prune_layers, depth)
-    layers = set(prune_layers)
+    validate_schedule(keep_rate, refine_layers, depth)
+    layers = set(refine_layers)
     out: list[tuple[int, int]] = []
     m = num_patches
     for i in range(depth):
@@ -61,7 +61,7 @@ def token_schedule(
     return out
 
 
-def validate_schedule(keep_rate: float, prune_layers: Sequence[int], depth: int) -> None:
+def validate_schedule(keep_rate: float, refine_layers: Sequence[int], depth: int) -> None:
     """Raise :class:`ConfigError` unless ``0 < keep_rate <= 1`` and every layer is in ``[0, depth)``."""
     if (
         isinstance(keep_rate, bool)
@@ -71,12 +71,12 @@ def validate_schedule(keep_rate: float, prune_layers: Sequence[int], depth: int)
         raise ConfigError(f"keep rate must be in (0, 1], got {keep_rate!r}; use 1.0 to switch refinement off")
     bad = [
         layer
-        for layer in prune_layers
+        for layer in refine_layers
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < depth
     ]
     if bad:
         raise ConfigError(
-            f"prune layers {bad} are outside the model's blocks 0..{depth - 1}; pick 0-based block indices"
+            f"refine layers {bad} are outside the model's blocks 0..{depth - 1}; pick 0-based block indices"
         )
 
 

@@ -29,8 +29,10 @@ KEY = "wsi_pipeline"
 
 SLIDE_KEYS = ("name", "backend", "backend_version", "mpp_level0", "mpp_source", "target_mpp", "patch_size",
               "patch_size_level0", "wsi_pipeline_version")
-MODEL_KEYS = ("model_name", "model_id", "weights_sha256", "adapter_sha256", "keep_rate", "prune_layers",
+MODEL_KEYS = ("model_name", "model_id", "weights_sha256", "adapter_sha256", "keep_rate", "refine_layers",
               "context_hash", "precision")
+#: Attribute names of older wsi-pipeline versions → today's (read, never written).
+OLD_MODEL_KEYS = {"prune_layers": "refine_layers"}
 
 
 def jsonable(value: Any) -> Any:
@@ -56,8 +58,10 @@ def slide_provenance(coords_attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_provenance(feature_attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """The model-side provenance out of a features file's attributes."""
-    return {k: jsonable(feature_attrs[k]) for k in MODEL_KEYS if k in feature_attrs}
+    """The model-side provenance out of a features file's attributes (old attribute names read
+    under today's, see :data:`OLD_MODEL_KEYS`)."""
+    attrs = {OLD_MODEL_KEYS.get(k, k): v for k, v in feature_attrs.items()}
+    return {k: jsonable(attrs[k]) for k in MODEL_KEYS if k in attrs}
 
 
 def png_info(provenance: Mapping[str, Any]) -> Any:

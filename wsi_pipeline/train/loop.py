@@ -207,7 +207,7 @@ def _fit(model: Any, images: torch.Tensor, labels: torch.Tensor, train_idx: torc
     from ..model.convlm import clip_tokenizer
 
     weights = cfg.loss_weights()
-    refine_blocks = sorted(set(model._context_mlps()) | set(model.prune_layers))
+    refine_blocks = sorted(set(model._context_mlps()) | set(model.refine_layers))
     heads = ClsRegressionHeads(refine_blocks, model.width, model.proj_dim) if weights.cls_l1 > 0 else None
     model.train()
     optimizer = build_optimizer(model, heads, cfg)
