@@ -26,7 +26,7 @@ import torch
 from _texture import Repeating
 
 from wsi_pipeline.config import TilingConfig
-from wsi_pipeline.embed.runner import EmbedConfig, EmbedSummary, embed_slides
+from wsi_pipeline.embed.stage import EmbedConfig, EmbedSummary, embed_slides
 from wsi_pipeline.slide.write import TileSource, write_slide
 from wsi_pipeline.tiling.stage import tile_slides
 

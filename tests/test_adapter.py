@@ -15,7 +15,7 @@ from slide_factory import make_slide
 
 from wsi_pipeline.cli import main
 from wsi_pipeline.config import TilingConfig
-from wsi_pipeline.embed.runner import EmbedConfig, embed_slides
+from wsi_pipeline.embed.stage import EmbedConfig, embed_slides
 from wsi_pipeline.errors import CheckpointError, ConfigError
 from wsi_pipeline.model import create_model, save_weights
 from wsi_pipeline.model.adapter import ADAPTER_FORMAT, load_adapter, new_adapter, read_adapter, save_adapter

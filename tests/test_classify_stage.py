@@ -30,7 +30,7 @@ from wsi_pipeline.classify.prompts import PromptSet, load_prompts, sample_prompt
 from wsi_pipeline.classify.scoring import score_features
 from wsi_pipeline.classify.stage import classify_slides
 from wsi_pipeline.config import TilingConfig
-from wsi_pipeline.embed.runner import EmbedConfig
+from wsi_pipeline.embed.stage import EmbedConfig
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.model import create_model
 from wsi_pipeline.store.coords import read_coords

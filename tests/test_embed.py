@@ -14,7 +14,7 @@ from slide_factory import make_slide
 from wsi_pipeline.config import TilingConfig
 from wsi_pipeline.embed.dataset import normalize, resize_patches
 from wsi_pipeline.embed.regions import plan_regions, read_region_patches
-from wsi_pipeline.embed.runner import EmbedConfig, embed_slides, load_encoder
+from wsi_pipeline.embed.stage import EmbedConfig, embed_slides, load_encoder
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.store.coords import read_coords
 from wsi_pipeline.store.features import get_store

@@ -37,7 +37,7 @@ from slide_factory import make_slide
 
 from wsi_pipeline.cli import main
 from wsi_pipeline.config import TilingConfig
-from wsi_pipeline.embed.runner import EmbedConfig, embed_slides
+from wsi_pipeline.embed.stage import EmbedConfig, embed_slides
 from wsi_pipeline.export import export_outputs
 from wsi_pipeline.export.clam import ClamGeometry, clam_geometry
 from wsi_pipeline.export.trident import job_name, level0_magnification

@@ -29,7 +29,7 @@ from zeroshot_reference import FP16_COS
 
 from wsi_pipeline.cli import main
 from wsi_pipeline.config import TilingConfig
-from wsi_pipeline.embed.runner import EmbedConfig, check_failed_patches, embed_slides, load_encoder
+from wsi_pipeline.embed.stage import EmbedConfig, check_failed_patches, embed_slides, load_encoder
 from wsi_pipeline.errors import CorruptOutputError, TooManyFailedPatchesError
 from wsi_pipeline.slide.write import corrupt_tile
 from wsi_pipeline.store.coords import read_coords, write_coords

@@ -18,7 +18,7 @@ from slide_factory import make_slide
 from wsi_pipeline.classify.similarity import FactoredSimilarity
 from wsi_pipeline.config import TilingConfig
 from wsi_pipeline.embed.dataset import normalize
-from wsi_pipeline.embed.runner import EmbedConfig, embed_slides
+from wsi_pipeline.embed.stage import EmbedConfig, embed_slides
 from wsi_pipeline.model import create_model
 from wsi_pipeline.model.shipped import shipped_weights
 from wsi_pipeline.store.features import get_store

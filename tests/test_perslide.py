@@ -120,7 +120,7 @@ def two_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 STAGES = {
     # stage -> (module, a function its per-slide work calls)
     "tile": ("wsi_pipeline.tiling.stage", "_tile"),
-    "embed": ("wsi_pipeline.embed.runner", "embed_coords"),
+    "embed": ("wsi_pipeline.embed.stage", "embed_coords"),
     "classify": ("wsi_pipeline.classify.scoring", "score_slide_sets"),
 }
 
@@ -132,7 +132,7 @@ def test_every_stage_maps_an_unexpected_error_the_same_way(two_slides: Path, tmp
 
     from wsi_pipeline.classify.stage import classify_slides
     from wsi_pipeline.config import TilingConfig
-    from wsi_pipeline.embed.runner import EmbedConfig
+    from wsi_pipeline.embed.stage import EmbedConfig
 
     module_name, attr = STAGES[stage]
     module = importlib.import_module(module_name)

@@ -19,7 +19,7 @@ from slide_factory import make_slide
 from wsi_pipeline.classify.stage import classify_slides
 from wsi_pipeline.cli import main
 from wsi_pipeline.config import TilingConfig
-from wsi_pipeline.embed.runner import EmbedConfig
+from wsi_pipeline.embed.stage import EmbedConfig
 from wsi_pipeline.errors import CheckpointError
 from wsi_pipeline.runtime import RuntimeConfig, WorkerSpec, open_executor
 from wsi_pipeline.runtime.locks import this_host

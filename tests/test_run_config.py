@@ -81,6 +81,16 @@ def test_tile_and_embed_help_have_only_their_stages() -> None:
     assert list(embed) == ["Input and output", "Embedding", "Runtime", "Verbosity and help"]
 
 
+def test_train_help_is_grouped_and_lists_every_option_once() -> None:
+    sections = _help_sections(_run("train", "--help").stdout)
+    assert list(sections) == ["Data and output", "Model", "Optimisation", "Runtime", "Verbosity and help"]
+    assert sections["Model"][:3] == ["--model", "--weights", "--adapter-only"]
+    assert "--lr-head" in sections["Optimisation"] and "--color-jitter" in sections["Data and output"]
+    flags = [f for fs in sections.values() for f in fs]
+    n_options = sum(1 for p in main.commands["train"].params if p.param_type_name == "option") + 1  # + --help
+    assert len(flags) == len(set(flags)) == n_options
+
+
 # -- round trip ---------------------------------------------------------------------------
 def test_written_config_replays_the_run_exactly(slide: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"

@@ -239,7 +239,7 @@ def test_two_concurrent_tile_runs_do_each_slide_once(tmp_path: Path) -> None:
 
 def test_embed_and_classify_respect_a_live_lock(two_slides: list[Path], tmp_path: Path) -> None:
     from wsi_pipeline.classify.stage import classify_slides
-    from wsi_pipeline.embed.runner import EmbedConfig, embed_slides
+    from wsi_pipeline.embed.stage import EmbedConfig, embed_slides
 
     prompts = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "demo.yaml"
     cfg = EmbedConfig(workers=0)

@@ -14,7 +14,7 @@ from slide_factory import make_slide
 
 from wsi_pipeline.cli import main
 from wsi_pipeline.config import TilingConfig
-from wsi_pipeline.embed.runner import EmbedConfig, embed_slides
+from wsi_pipeline.embed.stage import EmbedConfig, embed_slides
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.runtime import RuntimeConfig
 from wsi_pipeline.runtime.shard import Shard, parse_shard, shard_index

@@ -24,7 +24,7 @@ from zeroshot_reference import FP16_COS
 from wsi_pipeline.classify.prompts import load_prompts
 from wsi_pipeline.classify.textclassifier import build_text_classifier
 from wsi_pipeline.cli import main
-from wsi_pipeline.embed.runner import EmbedConfig, load_encoder
+from wsi_pipeline.embed.stage import EmbedConfig, load_encoder
 from wsi_pipeline.store.features import get_store
 
 PROMPTS = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "demo.yaml"

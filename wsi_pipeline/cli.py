@@ -455,7 +455,7 @@ def _block_indices(value: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def _embed_config(params: dict[str, Any], overwrite: bool = False) -> Any:
-    from .embed.runner import EmbedConfig
+    from .embed.stage import EmbedConfig
 
     layers = _block_indices(params.get("refine_layers"), "--refine-layers")
     context = params.get("context")
@@ -557,7 +557,7 @@ def info(ctx: click.Context, slide: str, backend: str, as_json: bool, verbose: i
 @click.pass_context
 def embed(ctx: click.Context, out: str, overwrite: bool, verbose: int, quiet: bool, **params: Any) -> None:
     """Extract patch features for every slide tiled into OUT (OUT/coords/*.h5; or 'out' of --config)."""
-    from .embed.runner import embed_slides, find_coords_files
+    from .embed.stage import embed_slides, find_coords_files
     from .errors import WsiPipelineError
 
     quiet = _verbosity(ctx, verbose, quiet)
@@ -643,45 +643,58 @@ def export(ctx: click.Context, out_dir: str, to: str, dest: str, model_id: str |
     ctx.exit(1 if summary.count("failed") else 0)
 
 
-@main.command()
-@click.option("--data", required=True, help="ROI patches: one folder per class (ImageFolder) or a CSV path,label.")
-@click.option("--prompts", "prompts_path", required=True, metavar="FILE|NAME",
-              help="Class prompts (same format as classify), or a shipped file, e.g. demo_train.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Run folder: model.safetensors (adapter.safetensors), config.json, train_log.json/.csv.")
-@click.option("--model", default="convlm_demo", show_default=True,
-              help="Registered model or open_clip:<arch> to train (conch_v1, hf_clip: --adapter-only).")
-@click.option("--weights", type=click.Path(exists=True),
-              help="Initial weights (fine-tuning), or the frozen base of --adapter-only [shipped weights, if any].")
-@click.option("--adapter-only", is_flag=True,
-              help="Freeze the whole model; train only a context adapter (writes adapter.safetensors).")
-@click.option("--adapter-layers", default=None, help="Guided blocks of the adapter, 0-based [the refinement blocks].")
-@click.option("--adapter-hidden", type=click.IntRange(min=1), default=None, help="Context-MLP hidden width [ViT width].")
-@click.option("--adapter-alpha", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.1, show_default=True,
-              help="Mixing weight of the context in the CLS query.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr-backbone", type=float, default=5e-4, show_default=True)
-@click.option("--lr-text", type=float, default=5e-4, show_default=True)
-@click.option("--lr-head", type=float, default=1e-3, show_default=True)
-@click.option("--freeze-backbone", is_flag=True, help="Keep the vision tower fixed.")
-@click.option("--freeze-text", is_flag=True, help="Keep the text tower fixed.")
-@click.option("--no-balanced", "balanced", is_flag=True, flag_value=False, default=True,
-              help="Sample uniformly instead of class-balanced.")
-@click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.1, show_default=True)
-@click.option("--context-mode", type=click.Choice(["agnostic", "label", "mix", "none"]), default="agnostic",
-              show_default=True, help="Context fed to the refining blocks while training (label = paper, leaks).")
-@click.option("--w-context-l1", type=click.FloatRange(min=0.0), default=0.1, show_default=True)
-@click.option("--w-cls-l1", type=click.FloatRange(min=0.0), default=0.1, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.05, show_default=True)
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=30, show_default=True)
-@click.option("--no-flips", "flips", is_flag=True, flag_value=False, default=True, help="No flip augmentation.")
-@click.option("--no-rot90", "rot90", is_flag=True, flag_value=False, default=True, help="No 90° rotations.")
-@click.option("--color-jitter", type=click.FloatRange(min=0.0), default=0.1, show_default=True,
-              help="Colour-jitter strength (0: off).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
-@click.option("--save-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@main.command(cls=SectionedCommand)
+@section(
+    "Data and output",
+    click.option("--data", required=True, help="ROI patches: one folder per class (ImageFolder) or a CSV path,label."),
+    click.option("--prompts", "prompts_path", required=True, metavar="FILE|NAME",
+                 help="Class prompts (same format as classify), or a shipped file, e.g. demo_train."),
+    click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                 help="Run folder: model.safetensors (adapter.safetensors), config.json, train_log.json/.csv."),
+    click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.1, show_default=True),
+    click.option("--no-balanced", "balanced", is_flag=True, flag_value=False, default=True,
+                 help="Sample uniformly instead of class-balanced."),
+    click.option("--no-flips", "flips", is_flag=True, flag_value=False, default=True, help="No flip augmentation."),
+    click.option("--no-rot90", "rot90", is_flag=True, flag_value=False, default=True, help="No 90° rotations."),
+    click.option("--color-jitter", type=click.FloatRange(min=0.0), default=0.1, show_default=True,
+                 help="Colour-jitter strength (0: off)."),
+)
+@section(
+    "Model",
+    click.option("--model", default="convlm_demo", show_default=True,
+                 help="Registered model or open_clip:<arch> to train (conch_v1, hf_clip: --adapter-only)."),
+    click.option("--weights", type=click.Path(exists=True),
+                 help="Initial weights (fine-tuning), or the frozen base of --adapter-only [shipped weights, if any]."),
+    click.option("--adapter-only", is_flag=True,
+                 help="Freeze the whole model; train only a context adapter (writes adapter.safetensors)."),
+    click.option("--adapter-layers", default=None, help="Guided blocks of the adapter, 0-based [the refining blocks]."),
+    click.option("--adapter-hidden", type=click.IntRange(min=1), default=None,
+                 help="Context-MLP hidden width [ViT width]."),
+    click.option("--adapter-alpha", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.1, show_default=True,
+                 help="Mixing weight of the context in the CLS query."),
+    click.option("--freeze-backbone", is_flag=True, help="Keep the vision tower fixed."),
+    click.option("--freeze-text", is_flag=True, help="Keep the text tower fixed."),
+    click.option("--context-mode", type=click.Choice(["agnostic", "label", "mix", "none"]), default="agnostic",
+                 show_default=True, help="Context fed to the refining blocks while training (label = paper, leaks)."),
+)
+@section(
+    "Optimisation",
+    click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
+    click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+    click.option("--lr-backbone", type=float, default=5e-4, show_default=True),
+    click.option("--lr-text", type=float, default=5e-4, show_default=True),
+    click.option("--lr-head", type=float, default=1e-3, show_default=True),
+    click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.05, show_default=True),
+    click.option("--warmup-steps", type=click.IntRange(min=0), default=30, show_default=True),
+    click.option("--w-context-l1", type=click.FloatRange(min=0.0), default=0.1, show_default=True),
+    click.option("--w-cls-l1", type=click.FloatRange(min=0.0), default=0.1, show_default=True),
+    click.option("--seed", type=int, default=0, show_default=True),
+)
+@section(
+    RUNTIME,
+    click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads."),
+    click.option("--save-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True),
+)
 @verbosity_options
 @click.pass_context
 def train(ctx: click.Context, data: str, prompts_path: str, out_dir: str, verbose: int, quiet: bool,

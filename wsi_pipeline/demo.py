@@ -142,7 +142,7 @@ def run_demo(
         Bad options or prompt file.
     """
     from .classify.stage import classify_slides
-    from .embed.runner import EmbedConfig
+    from .embed.stage import EmbedConfig
     from .model import shipped_notice, shipped_weights
     from .model.shipped import models_dirs
     from .synthetic import TUMOUR_CLASSES, write_slide_set

@@ -44,7 +44,7 @@ from .prompts import PromptSet, load_prompts, sample_prompt_sets
 from .scoring import STAGE, OnScored, score_features
 
 if TYPE_CHECKING:
-    from ..embed.runner import EmbedConfig
+    from ..embed.stage import EmbedConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def classify_slides(
     out_dir : output folder (shared with ``tile`` and ``embed``).
     prompts_path : prompt file (YAML, or CONCH/MI-Zero JSON).
     tiling, embed : :class:`~wsi_pipeline.config.TilingConfig` and
-        :class:`~wsi_pipeline.embed.runner.EmbedConfig` (defaults when ``None``).
+        :class:`~wsi_pipeline.embed.stage.EmbedConfig` (defaults when ``None``).
     top_k : primary K (default: the prompt file's first ``top_k``, else 50).
     labels : ``slide_id,label`` CSV; enables metrics.
     prompt_sets : number of MI-Zero-style single-synonym prompt sets (needs ``labels``).
@@ -145,7 +145,7 @@ def classify_slides(
     OutputError
         ``out_dir`` is not writable.
     """
-    from ..embed.runner import EmbedConfig, find_coords_files, load_encoder, resolve_device
+    from ..embed.stage import EmbedConfig, find_coords_files, load_encoder, resolve_device
     from ..tiling.stage import check_unique_ids, slide_id_from_path
 
     t_start = time.perf_counter()
@@ -241,7 +241,7 @@ def _tile_and_embed(
     on one executor; both skip slides whose outputs validate. Returns (failed id -> reason,
     tile results, embed summary). A slide another live run holds is failed here: it cannot be
     scored yet."""
-    from ..embed.runner import embed_slides
+    from ..embed.stage import embed_slides
     from ..tiling.stage import tile_slides
 
     failed: dict[str, str] = {}
@@ -289,7 +289,7 @@ def _load_classifiers(model: Any, embed: EmbedConfig, prompts: PromptSet, out: P
 
 def _on_scored_callback(out: Path, prompts_name: str, slides_dir: str | None, visuals: bool) -> OnScored:
     """Per scored slide: the QuPath tile layer of patch scores (always), then the visuals (when asked)."""
-    from ..embed.runner import resolve_slide_path
+    from ..embed.stage import resolve_slide_path
     from .qupath import write_scores_geojson
     from .visuals import write_slide_visuals
 

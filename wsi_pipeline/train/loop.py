@@ -153,7 +153,7 @@ def train_model(cfg: TrainConfig, progress: TrainProgress | None = None) -> Trai
     OutputError
         ``cfg.out_dir`` is not writable.
     """
-    from ..embed.runner import resolve_weights
+    from ..embed.stage import resolve_weights
     from ..model import create_model
     from ..model.adapter import new_adapter
 
