@@ -7,9 +7,10 @@ read once and the patches are cut out of it. Memory is bounded by one region per
 whatever the slide size.
 
 Coordinates are level-0 top-left corners; a patch covers ``size`` pixels at ``level``
-starting at ``floor(x / downsample)`` (the convention of tiffslide; when coordinates are
-multiples of the level downsample, as the tile stage writes them for levels > 0, every
-backend agrees).
+starting at ``floor(x / downsample)`` (tiffslide's convention). Patch corners need not be
+multiples of the downsample (the tile stage does not snap them); the regions are read at
+level-0 origins that are (:func:`level0_location`), so every backend returns the same
+pixels and the patches are cut from those.
 """
 
 from __future__ import annotations
