@@ -123,6 +123,7 @@ def test_unreadable_tile_is_salvaged_or_fails_cleanly(tmp_path: Path) -> None:
             corrupt_tile(many, tile_xy=(tx, ty))
     results = tile_slides([many, one], tmp_path / "out2", TilingConfig(min_tissue_area=1000))
     assert [r.status for r in results] == ["failed", "ok"]
+
     assert "unreadable" in results[0].reason and "\n" not in results[0].reason
 
 
@@ -168,3 +169,30 @@ def test_unexpected_error_is_one_line_and_traceback_only_with_verbose(
     verbose = _run(["-v", *args, "--overwrite"])
     assert "Traceback" in verbose.stderr  # type: ignore[attr-defined]
     assert len(read_status(tmp_path / "o")) == 4
+
+
+@pytest.mark.parametrize("backend", ["tiffslide", "openslide"])
+def test_threaded_segmentation_read_equals_one_thread_and_closes_its_handles(tmp_path: Path, backend: str) -> None:
+    """Level 0 read by several threads (each through its own handle) gives the picture and the
+    unreadable count one thread gives, a corrupt tile included, and leaves no file open."""
+    import os
+
+    from slide_factory import TissueScene
+
+    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.slide.write import TileSource
+    from wsi_pipeline.tiling.lowres import read_lowres
+
+    scene = TissueScene(2048, 1536, n_blobs=3, seed=12)
+    path = write_corrupt_tile_slide(tmp_path / "c.tif", TileSource(scene.render, 2048, 1536), tile_xy=(5, 2),
+                                    mpp=0.5, layout="generic", levels=(1,))
+    with open_slide(path, backend) as slide:  # the first open starts fsspec's event loop (its own fds)
+        one = read_lowres(slide, slide.info, 0, 4, chunk=256, threads=1)
+    fds = len(os.listdir("/proc/self/fd"))
+    with open_slide(path, backend) as slide:
+        many = read_lowres(slide, slide.info, 0, 4, chunk=256, threads=3)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert one.unreadable_fraction == many.unreadable_fraction == pytest.approx(1 / 48)  # one 256² tile
+    np.testing.assert_array_equal(one.rgb, many.rgb)
+    assert (one.rgb[2 * 64 : 3 * 64, 5 * 64 : 6 * 64] == 255).all()  # the lost tile reads as glass
+    assert one.rgb.std() > 10  # tissue was read

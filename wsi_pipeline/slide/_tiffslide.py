@@ -247,13 +247,20 @@ class TiffSlideBackend:
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (h, w, 3); out-of-bounds pixels are white."""
         w, h = max(int(size[0]), 0), max(int(size[1]), 0)
-        out = np.full((h, w, 3), _WHITE, np.uint8)
         lw, lh = self._info.level_dimensions[level]
         x0, y0, x1, y1 = level_rect(location, self._info.level_downsamples[level], (w, h))
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, lw), min(y1, lh)
+        if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1) and w and h:  # inside the level: no white margin to add
+            arr = self._read_level(level, x0, y0, x1, y1)
+            if arr.ndim == 3 and arr.shape[2] == 3 and arr.flags.c_contiguous and arr.flags.writeable:
+                return arr
+        else:
+            arr = None
+        out = np.full((h, w, 3), _WHITE, np.uint8)
         if cx0 >= cx1 or cy0 >= cy1:
             return out
-        arr = self._read_level(level, cx0, cy0, cx1, cy1)
+        if arr is None:
+            arr = self._read_level(level, cx0, cy0, cx1, cy1)
         if arr.ndim == 2:
             arr = arr[..., None]
         out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]

@@ -3,8 +3,8 @@
 Level choice: among the pyramid levels at least ``seg_mpp / 4`` µm/px (≥ 2 µm/px for the
 default 8), the one closest to ``seg_mpp``; when the pyramid has none (a single-level or
 shallow slide), the coarsest level. That level is read in chunks of at most
-``chunk``×``chunk`` pixels (so level 0 of a huge non-pyramidal TIFF is never held whole)
-and each chunk is area-averaged by an integer factor ``round(seg_mpp / level_mpp)``, so
+``chunk``×``chunk`` pixels (so level 0 of a huge non-pyramidal TIFF is never held whole),
+several at once in threads, and each chunk is area-averaged by an integer factor ``round(seg_mpp / level_mpp)``, so
 segmentation always sees ≈ ``seg_mpp`` µm/px whatever the pyramid.
 
 A chunk that cannot be read is retried in small blocks; unreadable blocks become white
@@ -18,8 +18,13 @@ hour of decoding, no memory exhausted.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +37,8 @@ _logger = logging.getLogger(__name__)
 
 #: Largest read, in level pixels per side.
 CHUNK = 1024
+#: Chunks read at once: OpenSlide's C library and imagecodecs' decoders release the GIL.
+READ_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 #: Block size used to salvage a chunk whose read failed.
 SALVAGE_BLOCK = 256
 #: Most pixels segmentation may decode at the level it reads: a 220,000² px level without a
@@ -90,8 +97,13 @@ def read_lowres(
     *,
     chunk: int = CHUNK,
     max_unreadable: float = 0.05,
+    threads: int | None = None,
 ) -> LowRes:
     """Read ``level`` of ``slide`` chunk by chunk, area-averaged by ``factor``.
+
+    ``threads`` chunks are read at once (default :data:`READ_THREADS`): the decoders release
+    the GIL, and each chunk writes only its own part of the picture, so the result is the
+    same as one thread's.
 
     ``slide`` is a :class:`wsi_pipeline.slide.Slide` (anything with ``read_region``);
     ``info`` its metadata with the resolved mpp (file, CSV or default).
@@ -102,20 +114,24 @@ def read_lowres(
     ds = info.level_downsamples[level]
     step = max(factor, (chunk // factor) * factor)
     out = np.empty((-(-lh // factor), -(-lw // factor), 3), dtype=np.uint8)
-    bad_px = 0
-    for cy in range(0, lh, step):
-        for cx in range(0, lw, step):
-            w, h = min(step, lw - cx), min(step, lh - cy)
-            try:
-                region = _read(slide, cx, cy, ds, level, w, h)
-            except SlideReadError as e:
-                _logger.warning("%s: chunk (%d, %d) at level %d unreadable (%s); salvaging in blocks",
-                                info.path, cx, cy, level, e)
-                region, bad = _salvage(slide, cx, cy, ds, level, w, h, factor)
-                bad_px += bad
-            out[cy // factor : cy // factor + -(-h // factor), cx // factor : cx // factor + -(-w // factor)] = (
-                _block_mean(region, factor)
-            )
+    chunks = [(cx, cy, min(step, lw - cx), min(step, lh - cy)) for cy in range(0, lh, step) for cx in range(0, lw, step)]
+
+    def reduce(src: object, c: tuple[int, int, int, int]) -> int:
+        """Read and average one chunk into ``out`` through ``src``; the unreadable pixels salvaged."""
+        cx, cy, w, h = c
+        bad = 0
+        try:
+            region = _read(src, cx, cy, ds, level, w, h)
+        except SlideReadError as e:
+            _logger.warning("%s: chunk (%d, %d) at level %d unreadable (%s); salvaging in blocks",
+                            info.path, cx, cy, level, e)
+            region, bad = _salvage(src, cx, cy, ds, level, w, h, factor)
+        out[cy // factor : cy // factor + -(-h // factor), cx // factor : cx // factor + -(-w // factor)] = (
+            _block_mean(region, factor)
+        )
+        return bad
+
+    bad_px = _map_chunks(slide, reduce, chunks, READ_THREADS if threads is None else max(1, int(threads)))
     unreadable = bad_px / float(lw * lh)
     if unreadable > max_unreadable:
         raise SlideReadError(
@@ -130,6 +146,39 @@ def read_lowres(
         factor=factor,
         unreadable_fraction=unreadable,
     )
+
+
+def _map_chunks(slide: object, reduce: Callable[[object, tuple[int, int, int, int]], int],
+                chunks: list[tuple[int, int, int, int]], threads: int) -> int:
+    """Sum of ``reduce(slide, chunk)`` over ``chunks``, in ``threads`` threads when ``slide`` is a
+    :class:`~wsi_pipeline.slide.Slide`. The first chunk is read on ``slide`` (a backend checks
+    its fast path on its first read); every thread then reads through its own handle of the
+    slide, so that a read error's reopen in one thread never closes another's handle."""
+    from ..slide import Slide
+
+    total = reduce(slide, chunks[0])
+    rest = chunks[1:]
+    if threads == 1 or len(rest) < 2 or not isinstance(slide, Slide):
+        return total + sum(reduce(slide, c) for c in rest)
+    local = threading.local()
+    handles: list[Slide] = []
+    lock = threading.Lock()
+
+    def run(c: tuple[int, int, int, int]) -> int:
+        src = getattr(local, "slide", None)
+        if src is None:
+            src = local.slide = copy.copy(slide)  # a Slide copies without its handle: it opens its own
+            with lock:
+                handles.append(src)
+        return reduce(src, c)
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="seg-read")
+    try:
+        return total + sum(f.result() for f in [pool.submit(run, c) for c in rest])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for h in handles:
+            h.close()
 
 
 def _block_mean(region: np.ndarray, factor: int) -> np.ndarray:
