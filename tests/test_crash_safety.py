@@ -45,10 +45,10 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-from wsi_pipeline.embed import runner
+from wsi_pipeline.embed import stage as embed_stage
 from wsi_pipeline.store import atomic, features
 
-real_embed, real_call, real_replace = runner.embed_coords, runner.Encoder.__call__, os.replace
+real_embed, real_call, real_replace = embed_stage.embed_coords, embed_stage.Encoder.__call__, os.replace
 
 
 def embed_coords(*args, **kwargs):
@@ -79,7 +79,7 @@ def replace(src, dst):
         die()
 
 
-runner.embed_coords, runner.Encoder.__call__, features.atomic_path, os.replace = embed_coords, call, atomic_path, replace
+embed_stage.embed_coords, embed_stage.Encoder.__call__, features.atomic_path, os.replace = embed_coords, call, atomic_path, replace
 from wsi_pipeline.cli import main
 
 main(prog_name="wsi-pipeline")
