@@ -196,3 +196,22 @@ def test_threaded_segmentation_read_equals_one_thread_and_closes_its_handles(tmp
     np.testing.assert_array_equal(one.rgb, many.rgb)
     assert (one.rgb[2 * 64 : 3 * 64, 5 * 64 : 6 * 64] == 255).all()  # the lost tile reads as glass
     assert one.rgb.std() > 10  # tissue was read
+
+
+def test_whole_image_backends_are_read_through_one_handle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PNG is decoded whole when opened: threads must not open (and decode) it again each."""
+    from PIL import Image
+    from skimage.data import immunohistochemistry
+
+    from wsi_pipeline.slide import _image, open_slide
+    from wsi_pipeline.tiling.lowres import read_lowres
+
+    Image.fromarray(np.tile(immunohistochemistry(), (2, 2, 1))).save(tmp_path / "roi.png")
+    opened = []
+    real_init = _image.ImageBackend.__init__
+    with open_slide(tmp_path / "roi.png") as slide:
+        monkeypatch.setattr(_image.ImageBackend, "__init__",
+                            lambda self, path: (opened.append(path), real_init(self, path))[1])
+        assert slide.backend == "image" and not slide.parallel_reads
+        low = read_lowres(slide, slide.info.with_mpp(1.0, "csv"), 0, 4, chunk=256, threads=3)
+    assert opened == [] and low.rgb.shape == (256, 256, 3)

@@ -184,4 +184,5 @@ register_backend(
     is_available=lambda: True,
     version=_version,
     is_file_error=is_image_file_error,
+    parallel_reads=False,  # PNG and JPEG are decoded whole on open: one more handle, one more copy
 )

@@ -182,6 +182,8 @@ class BackendSpec:
     of files that together make one slide when they share a folder (the factory is then
     given the folder). ``is_file_error`` tells an exception that means "damaged or
     unsupported file" from a bug (:class:`SlideError` and ``OSError`` by default).
+    ``parallel_reads``: opening one more handle is cheap and handles read concurrently
+    (``False`` for a backend that decodes the whole image on open).
     """
 
     name: str
@@ -194,6 +196,7 @@ class BackendSpec:
     defer: Callable[[SlideBackend], str | None] | None = None
     folder_members: frozenset[str] = frozenset()
     is_file_error: Callable[[BaseException], bool] = field(default=is_io_error, hash=False)
+    parallel_reads: bool = True
 
     def priority_for(self, ext: str | None) -> int:
         """Probing priority for files with extension ``ext`` (``None``: the default)."""
@@ -215,12 +218,13 @@ def register_backend(
     defer: Callable[[SlideBackend], str | None] | None = None,
     folder_members: set[str] | frozenset[str] = frozenset(),
     is_file_error: Callable[[BaseException], bool] | None = None,
+    parallel_reads: bool = True,
 ) -> None:
     """Add a backend to the registry (idempotent for the same name)."""
     _BACKENDS[name] = BackendSpec(
         name, factory, priority, frozenset(e.lower() for e in extensions), is_available, version,
         {e.lower(): int(p) for e, p in (ext_priority or {}).items()}, defer,
-        frozenset(e.lower() for e in folder_members), is_file_error or is_io_error,
+        frozenset(e.lower() for e in folder_members), is_file_error or is_io_error, parallel_reads,
     )
 
 

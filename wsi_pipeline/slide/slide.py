@@ -156,6 +156,12 @@ class Slide:
     def _spec(self) -> BackendSpec:
         return get_backend(self.backend)
 
+    @property
+    def parallel_reads(self) -> bool:
+        """Whether more handles of this slide may be opened cheaply and read at once (see
+        :class:`~.base.BackendSpec`)."""
+        return self._spec.parallel_reads
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_handle"] = None

@@ -151,14 +151,14 @@ def read_lowres(
 def _map_chunks(slide: object, reduce: Callable[[object, tuple[int, int, int, int]], int],
                 chunks: list[tuple[int, int, int, int]], threads: int) -> int:
     """Sum of ``reduce(slide, chunk)`` over ``chunks``, in ``threads`` threads when ``slide`` is a
-    :class:`~wsi_pipeline.slide.Slide`. The first chunk is read on ``slide`` (a backend checks
+    :class:`~wsi_pipeline.slide.Slide` whose backend reads in parallel. The first chunk is read on ``slide`` (a backend checks
     its fast path on its first read); every thread then reads through its own handle of the
     slide, so that a read error's reopen in one thread never closes another's handle."""
     from ..slide import Slide
 
     total = reduce(slide, chunks[0])
     rest = chunks[1:]
-    if threads == 1 or len(rest) < 2 or not isinstance(slide, Slide):
+    if threads == 1 or len(rest) < 2 or not isinstance(slide, Slide) or not slide.parallel_reads:
         return total + sum(reduce(slide, c) for c in rest)
     local = threading.local()
     handles: list[Slide] = []
