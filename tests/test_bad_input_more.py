@@ -160,6 +160,27 @@ def test_slide_ids_with_the_same_safe_name_keep_their_own_visuals(tmp_path: Path
     assert len(scores) == 2 and scores[0] != scores[1]
 
 
+def test_ids_differing_only_in_case_are_refused_where_the_output_file_system_ignores_case(
+    good: FixtureSlide, tmp_path: Path
+) -> None:
+    """``A.svs`` and ``a.svs`` are two slides on Linux, one output file on macOS or Windows. A
+    case-insensitive folder is imitated by a link under the case-swapped name."""
+    from wsi_pipeline.store.atomic import folds_case
+    from wsi_pipeline.tiling.stage import check_unique_ids
+
+    (tmp_path / "Data").mkdir()
+    assert not folds_case(tmp_path / "Data" / "out")  # this machine's file system
+    (tmp_path / "dATA").symlink_to(tmp_path / "Data")
+    assert folds_case(tmp_path / "Data" / "out" / "not yet made") and folds_case(tmp_path / "Data")
+    for name in ("Slide.svs", "slide.svs"):
+        shutil.copyfile(good.path, tmp_path / name)
+    pair = [tmp_path / "Slide.svs", tmp_path / "slide.svs"]
+    assert check_unique_ids(pair, tmp_path / "elsewhere") == ["Slide", "slide"]
+    r = _run("tile", *pair, "-o", tmp_path / "Data" / "out", *TILE)
+    _assert_usage_error(r, "slide ids 'Slide' and 'slide' differ only in case")
+    assert not (tmp_path / "Data" / "out").exists()
+
+
 # -- 3. and 5. links, loops and FIFOs: a status row each, never dropped ---------------------
 def test_symlink_loop_in_a_list_file(good: FixtureSlide, baseline: Path, tmp_path: Path) -> None:
     loop = tmp_path / "loop.svs"

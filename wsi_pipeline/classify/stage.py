@@ -172,7 +172,7 @@ def classify_slides(
             raise ConfigError(f"{out / 'coords'} holds no coords files; give slide paths so they are tiled first")
     else:
         paths = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
-        slide_ids = check_unique_ids(paths)
+        slide_ids = check_unique_ids(paths, out)
     if label_map is not None:
         check_label_slides(label_map, slide_ids, f"labels CSV {labels}")
     shard = runtime.shard

@@ -93,6 +93,26 @@ def remove_stale_temps(folder: str | os.PathLike[str], min_age_s: float = 0.0) -
     return n
 
 
+def folds_case(path: str | os.PathLike[str]) -> bool:
+    """Whether the file system that holds ``path`` (or its nearest existing ancestor) takes names
+    that differ only in case for one name (the default on macOS and Windows).
+
+    Nothing is written: the nearest existing folder with a cased letter in its name is looked
+    up under its case-swapped name.
+    """
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    for q in (p, *p.parents):
+        other = q.with_name(q.name.swapcase()) if q.name else q
+        if other.name != q.name:
+            try:
+                return os.path.samefile(q, other)
+            except OSError:  # no such name: case matters here
+                return False
+    return False
+
+
 def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` if needed and prove it is writable, or raise :class:`OutputError` at once."""
     path = Path(path)

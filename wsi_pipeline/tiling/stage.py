@@ -34,7 +34,7 @@ from ..runtime.executor import RuntimeConfig, WorkerSpec, absolute, make_executo
 from ..runtime.locks import DEFAULT_LOCK_TIMEOUT_S, SlideLocks
 from ..runtime.perslide import SlideStep, worker_died
 from ..slide.base import SlideInfo, is_finite_positive
-from ..store.atomic import ensure_writable_dir, remove_stale_temps
+from ..store.atomic import ensure_writable_dir, folds_case, remove_stale_temps
 
 _logger = logging.getLogger(__name__)
 
@@ -92,18 +92,28 @@ def slide_id_from_path(path: str | os.PathLike[str]) -> str:
     return stem or name
 
 
-def check_unique_ids(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
-    """Slide ids of ``paths``; :class:`ConfigError` when two slides share one."""
-    seen: dict[str, str] = {}
+def check_unique_ids(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Slide ids of ``paths``; :class:`ConfigError` when two slides share one, or, when the
+    file system of ``out_dir`` ignores case (macOS, Windows), when two ids differ only in case:
+    their output files would be one file there."""
+    fold = out_dir is not None and folds_case(out_dir)
+    seen: dict[str, tuple[str, str]] = {}
     ids = []
     for p in paths:
         sid = slide_id_from_path(p)
-        if sid in seen:
+        key = sid.casefold() if fold else sid
+        if key in seen:
+            other_id, other_path = seen[key]
+            if other_id == sid:
+                raise ConfigError(
+                    f"two slides have the same id {sid!r}: {other_path} and {os.fspath(p)}; "
+                    "rename one or tile them into different output folders"
+                )
             raise ConfigError(
-                f"two slides have the same id {sid!r}: {seen[sid]} and {os.fspath(p)}; "
-                "rename one or tile them into different output folders"
+                f"slide ids {other_id!r} and {sid!r} differ only in case, and the file system of {out_dir} ignores "
+                f"case: their outputs would overwrite each other ({other_path}, {os.fspath(p)}); rename one"
             )
-        seen[sid] = os.fspath(p)
+        seen[key] = (sid, os.fspath(p))
         ids.append(sid)
     return ids
 
@@ -123,7 +133,8 @@ def tile_slides(
     slides of that shard are tiled and returned) and the lock timeout. A slide whose lock
     a live run holds is ``skipped`` (reason ``locked by host:pid …``).
 
-    Raises before any work (:class:`ConfigError`) when two slides share an id or the mpp
+    Raises before any work (:class:`ConfigError`) when two slides share an id (or, on a
+    file system that ignores case, ids that differ only in case) or the mpp
     CSV is invalid, and (:class:`~wsi_pipeline.errors.OutputError`) when ``out_dir`` is
     not writable. Per-slide problems never raise: they are results with status ``failed``.
     """
@@ -131,7 +142,7 @@ def tile_slides(
     runtime = runtime or RuntimeConfig()
     executor = make_executor(runtime)  # e.g. Ray not installed: a usage error before any output
     paths = [os.fspath(p) for p in inputs]
-    ids = check_unique_ids(paths)  # over the whole list, so every shard agrees
+    ids = check_unique_ids(paths, out_dir)  # over the whole list, so every shard agrees
     check_backend(config.backend)
     overrides = load_mpp_csv(config.mpp_csv) if config.mpp_csv else {}
     per_slide = load_slide_params(config.slide_params, config) if config.slide_params else {}
