@@ -4,8 +4,9 @@ Level choice: among the pyramid levels at least ``seg_mpp / 4`` µm/px (≥ 2 µ
 default 8), the one closest to ``seg_mpp``; when the pyramid has none (a single-level or
 shallow slide), the coarsest level. That level is read in chunks of at most
 ``chunk``×``chunk`` pixels (so level 0 of a huge non-pyramidal TIFF is never held whole),
-several at once in threads, and each chunk is area-averaged by an integer factor ``round(seg_mpp / level_mpp)``, so
-segmentation always sees ≈ ``seg_mpp`` µm/px whatever the pyramid.
+several at once in threads, and each chunk is area-averaged by an integer factor
+``round(seg_mpp / level_mpp)``, so segmentation always sees ≈ ``seg_mpp`` µm/px whatever the
+pyramid.
 
 A chunk that cannot be read is retried in small blocks; unreadable blocks become white
 (glass, hence background) and are counted. Above ``max_unreadable`` of the slide area the
