@@ -145,8 +145,10 @@ def _section_of(param: click.Parameter) -> str | None:
 
 def _config_key(param: click.Parameter) -> str:
     """The run-config key of a parameter: its long flag (``--out`` → ``out``) or the argument's name."""
+    from .config import option_key
+
     longs = [o for o in param.opts if o.startswith("--")] if isinstance(param, click.Option) else []
-    return longs[0][2:].replace("-", "_") if longs else str(param.name)
+    return option_key(longs[0][2:]) if longs else str(param.name)
 
 
 class OldNamesOption(click.Option):

@@ -217,12 +217,17 @@ _FLOAT_FIELDS = ("target_mpp", "overlap", "min_tissue", "seg_level_mpp", "min_ti
                  "default_mpp", "max_upsample")
 
 
+def option_key(name: Any) -> str:
+    """``"min-tissue"`` → ``"min_tissue"``: the form option keys of config files are compared in."""
+    return str(name).strip().replace("-", "_")
+
+
 def normalise_keys(options: Mapping[str, Any], *, source: str) -> dict[str, Any]:
     """``min-tissue`` → ``min_tissue``; unknown keys raise :class:`ConfigError` naming them."""
     known = {f.name for f in fields(TilingConfig)} | {"mag"}
     out: dict[str, Any] = {}
     for key, value in options.items():
-        name = str(key).strip().replace("-", "_")
+        name = option_key(key)
         if name not in known:
             raise ConfigError(
                 f"{source}: unknown tiling option {key!r} (known: {', '.join(sorted(known))})"
@@ -357,5 +362,6 @@ __all__ = [
     "load_yaml_options",
     "mag_to_mpp",
     "normalise_keys",
+    "option_key",
     "read_yaml_mapping",
 ]

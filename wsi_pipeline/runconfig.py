@@ -25,7 +25,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import read_yaml_mapping
+from .config import option_key, read_yaml_mapping
 from .errors import ConfigError
 from .resources import resolve
 from .store.atomic import atomic_write_text
@@ -35,11 +35,6 @@ RUN_CONFIG_NAME = "run_config.yaml"
 #: Keys whose values are paths (``inputs``: a list of them; ``@list.txt`` items too).
 PATH_KEYS = ("inputs", "out", "list", "mpp_csv", "slide_params", "weights", "adapter", "context", "slides",
              "prompts", "labels")
-
-
-def option_key(name: str) -> str:
-    """``"min-tissue"`` → ``"min_tissue"``: the form keys are compared in."""
-    return str(name).strip().replace("-", "_")
 
 
 def read_run_config(source: str | os.PathLike[str], known: Collection[str]) -> tuple[Path, dict[str, Any]]:
