@@ -413,6 +413,7 @@ class SlideEmbedder:
         slide_id = coords_path.stem
         compute0 = self.encoder.compute_seconds
         result = EmbedResult(slide_id, "failed", model_id=self.model_id, worker=f"{this_host()}:{os.getpid()}")
+        final = self.store.path_for(self.features_dir, self.model_id, slide_id)
 
         def work() -> EmbedResult:
             coords, cattrs = read_coords(coords_path)
@@ -422,7 +423,7 @@ class SlideEmbedder:
                 self.features_dir, self.model_id, slide_id, coords, cattrs)
             if reason is None:
                 result.status, result.reason = "skipped", "features exist and validate"
-                result.path = str(self.store.path_for(self.features_dir, self.model_id, slide_id))
+                result.path = str(final)
             else:
                 _logger.debug("%s: embedding (%s)", slide_id, reason)
                 self._embed(coords, cattrs, result, progress)
@@ -432,7 +433,7 @@ class SlideEmbedder:
         result = self.step.run(
             slide_id, work, failed=lambda reason: dataclasses.replace(result, status="failed", reason=reason),
             skipped=lambda reason: dataclasses.replace(result, status="skipped", reason=reason),
-            outputs=(self.store.path_for(self.features_dir, self.model_id, slide_id),),  # a dead run's temp files
+            outputs=(final,),  # a dead run's temp files
         )
         result.compute_seconds = self.encoder.compute_seconds - compute0
         progress.end_slide(slide_id, result.status)
