@@ -94,3 +94,18 @@ def test_select_patches_threshold_and_pruning_match_full_evaluation() -> None:
         assert frac.dtype == np.float32
     empty, f = select_patches(np.zeros((4, 4), bool), (1.0, 1.0), (4, 4), GridSpec(2, 2), 0.25)
     assert empty.shape == (0, 2) and f.shape == (0,)
+
+
+def test_any_tissue_keeps_no_glass_at_a_non_integer_mask_scale() -> None:
+    """`min_tissue 0` keeps exactly the patches that overlap tissue, even where the integral
+    image's round-off is not zero (a mask scale like a real pyramid's, 16.0037 px per mask px)."""
+    rng = np.random.default_rng(7)
+    mask = rng.random((30, 40)) < 0.08
+    scale, size, spec = (16.0037, 15.9981), (640, 480), GridSpec(32, 32)
+    every = grid_coords(*size, spec)
+    coords, frac = select_patches(mask, scale, size, spec, 0.0)
+    want = np.array([_reference_fraction(mask, scale, x, y, 32) > 0 for x, y in every])
+    np.testing.assert_array_equal(coords, every[want])
+    assert frac.min() > 0
+    glass = tissue_fractions(mask, scale, every[~want], 32)
+    assert not glass.any()  # exact zeros, not 1e-16
