@@ -267,3 +267,22 @@ def test_default_model_is_the_shipped_demo_with_one_warning(tiled, tmp_path, cap
     assert sf.attrs["model_name"] == "convlm_demo"
     assert sf.attrs["weights_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
     assert summary.model_id.startswith("convlm_demo-w" + sf.attrs["weights_sha256"][:8])
+
+
+def test_resume_honours_an_asked_precision(tiled, tmp_path):
+    """Features embedded in bf16 are kept by an `auto` run but redone by a run that asks for fp32."""
+    out = _copy_out(tiled, tmp_path)
+    store = get_store("h5")
+    first = embed_slides(out, EmbedConfig(model="convlm_test", precision="bf16"), slide_ids=["b"])
+    assert first.results[0].status == "ok"
+    assert store.read(out / "features", first.model_id, "b").attrs["precision"] == "bf16"
+    auto = embed_slides(out, EmbedConfig(model="convlm_test", precision="auto"), slide_ids=["b"])
+    assert auto.model_id == first.model_id and auto.results[0].status == "skipped"
+    fp32 = embed_slides(out, EmbedConfig(model="convlm_test", precision="fp32"), slide_ids=["b"])
+    assert fp32.model_id == first.model_id and fp32.results[0].status == "ok"
+    redone = store.read(out / "features", first.model_id, "b")
+    assert redone.attrs["precision"] == "fp32"
+    ref = _reference_features(out / "coords" / "b.h5", EmbedConfig(model="convlm_test"))
+    np.testing.assert_allclose(redone.features, ref, atol=1e-5, rtol=0)
+    again = embed_slides(out, EmbedConfig(model="convlm_test", precision="fp32"), slide_ids=["b"])
+    assert again.results[0].status == "skipped"

@@ -403,6 +403,9 @@ class SlideEmbedder:
             "features_schema_version": FEATURES_SCHEMA_VERSION,
         }
         self.projection_sha256 = model.projection_sha256()
+        # Resume honours a precision the user asked for; `auto` takes whatever a slide holds
+        # (each file records its own), so a folder moves between GPU and CPU machines.
+        self.required_precision = None if cfg.precision == "auto" else precision
         locks = SlideLocks(self.out_dir, STAGE, scope=self.model_id, timeout_s=lock_timeout_s)
         locks.clear_stale()
         self.step = SlideStep(STAGE, self.out_dir, locks=locks)
@@ -420,7 +423,7 @@ class SlideEmbedder:
             result.n_patches = len(coords)
             check_slide_unchanged(cattrs, self.cfg.slides_dir)
             reason = "overwrite requested" if self.cfg.overwrite else self.store.validate(
-                self.features_dir, self.model_id, slide_id, coords, cattrs)
+                self.features_dir, self.model_id, slide_id, coords, cattrs, self.required_precision)
             if reason is None:
                 result.status, result.reason = "skipped", "features exist and validate"
                 result.path = str(final)

@@ -321,6 +321,7 @@ class FeatureStore:
         slide_id: str,
         expected_coords: np.ndarray,
         coords_attrs: Mapping[str, Any] | None = None,
+        precision: str | None = None,
     ) -> str | None:
         """``None`` when the stored slide is complete and matches; otherwise why it must be redone.
 
@@ -330,7 +331,8 @@ class FeatureStore:
         and the slide file they were read from is the one the current coords file records
         (``slide_fingerprint`` of ``coords_attrs``: a slide re-tiled after its file was replaced
         keeps no features, even where its coords come out the same; features written before
-        fingerprints were recorded are judged by their coords alone).
+        fingerprints were recorded are judged by their coords alone). ``precision``, when given
+        (a run that asked for one, not ``auto``), must be the stored ``precision``.
         """
         path = self.path_for(features_dir, model_id, slide_id)
         if not path.exists():
@@ -343,6 +345,8 @@ class FeatureStore:
             return "incomplete (no complete=True attribute)"
         if sf.attrs.get("model_id") != model_id:
             return f"written by another model setting ({sf.attrs.get('model_id')!r})"
+        if precision is not None and sf.attrs.get("precision") != precision:
+            return f"embedded in {sf.attrs.get('precision')}, not the {precision} this run asks for"
         want, got = (coords_attrs or {}).get(FINGERPRINT), sf.coords_attrs.get(FINGERPRINT)
         if want and got and want != got:
             return "read from another slide file (the slide was replaced and re-tiled since)"
