@@ -346,5 +346,12 @@ def test_trident_level0_magnification_gives_our_level0_size() -> None:
     for ps, ps0, target in [(256, 507, 20.0), (256, 512, 20.0), (224, 443, 20.0), (128, 512, 10.0), (256, 253, 10 / 0.3)]:
         mag = level0_magnification(ps, ps0, target)
         assert math.floor(ps * mag / target) == ps0 and abs(ps * mag / target - ps0) < 1e-9
+    # TRIDENT writes `ps * m // t` (float floor division, which can fall one below floor(ps*m/t)):
+    # both give our size, over many sizes at non-dyadic targets (0.3 and 0.7 µm/px)
+    for target in (10 / 0.3, 10 / 0.7, 20.0):
+        for ps in (224, 256, 448):
+            for ps0 in range(ps // 2, 3 * ps):
+                mag = level0_magnification(ps, ps0, target)
+                assert int(ps * mag // target) == ps0 == math.floor(ps * mag / target), (target, ps, ps0)
     assert job_name({"target_magnification": 20.0, "patch_size": 256, "overlap": 0}) == "20x_256px_0px_overlap"
     assert job_name({"target_magnification": 10 / 0.3, "patch_size": 224, "overlap": 32}) == "33.3333x_224px_32px_overlap"

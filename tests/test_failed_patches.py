@@ -297,3 +297,29 @@ def test_classify_scores_maps_and_exports_only_read_patches(damaged: Damaged, tm
         cx, cy = round((x + 64) * fx), round((y + 64) * fy)
         assert not np.array_equal(img[top + cy, cx], bg[cy, cx]) and not np.all(img[top + cy, cx] == MISSING_RGB)
     assert row.visuals["montage"]  # the top patches were all readable
+
+
+@pytest.mark.parametrize("to", ["clam", "trident"])
+def test_export_keeps_the_read_rows_row_aligned(damaged: Damaged, tmp_path: Path, to: str) -> None:
+    """A slide whose unreadable patches were left out exports: every file holds the read rows, and
+    the features are exactly the stored ones (CLAM's h5_files and pt_files row-aligned with patches/)."""
+    from wsi_pipeline.export.stage import export_outputs
+
+    out = _fresh(damaged, tmp_path)
+    model_id = embed_slides(out, CFG).model_id
+    sf = get_store("h5").read(out / "features", model_id, SID)
+    summary = export_outputs(out, to, tmp_path / "export")
+    [r] = summary.results
+    n_failed = int(damaged.failed.sum())
+    assert (r.status, r.reason, r.n_patches) == ("ok", f"{n_failed} unreadable patches left out", len(damaged.read))
+    h5s = sorted((tmp_path / "export").rglob("*.h5"))
+    assert len(h5s) == 2  # patches + features
+    for h5 in h5s:
+        with h5py.File(h5, "r") as f:
+            np.testing.assert_array_equal(f["coords"][:], damaged.read)
+            assert f["coords"].attrs["n_failed_patches"] == n_failed
+            if "features" in f:
+                np.testing.assert_array_equal(f["features"][:], sf.features)
+    if to == "clam":
+        pt = torch.load(tmp_path / "export" / "pt_files" / f"{SID}.pt", weights_only=True)
+        np.testing.assert_array_equal(pt.numpy(), sf.features)

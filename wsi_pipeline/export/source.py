@@ -6,6 +6,9 @@
 ``OUT/features/<model_id>.zarr/`` (zarr) give the feature sets. A slide's features must be
 complete and row-aligned with its coords file (the same coordinates in the same order), or the
 slide is not exported: an exported ``features`` row must describe the exported ``coords`` row.
+Patches that ``embed`` could not read (its ``failed_coords``) have no features: a slide with
+features is exported with the rows that were read, in every file of the export, and the count of
+those left out is recorded (``n_failed_patches``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ConfigError, CorruptOutputError
 from ..store.coords import read_coords, validate_coords
-from ..store.features import get_store
+from ..store.features import get_store, split_mismatch
 from ..store.provenance import model_provenance
 
 _logger = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class SlideSource:
     features_path: Path | None = None
     model_id: str | None = None
     features_attrs: dict[str, Any] = field(default_factory=dict)
+    n_failed: int = 0  # coords-file patches left out because embed could not read them
 
     def provenance(self) -> dict[str, Any]:
         """Attributes that keep what the client's own attributes drop: our geometry, mpp and sources."""
@@ -69,6 +73,7 @@ class SlideSource:
         if self.features_path is not None:
             out["source_features"] = str(self.features_path.resolve())
             out["model_id"] = str(self.model_id)
+            out["n_failed_patches"] = int(self.n_failed)
             out.update({k: v for k, v in model_provenance(self.features_attrs).items() if v is not None})
         return out
 
@@ -136,10 +141,15 @@ def load_slide(out_dir: str | os.PathLike[str], coords_path: Path, feature_set: 
     if sf.attrs.get("complete") is not True:
         raise CorruptOutputError(f"features file {path} is incomplete (interrupted write); re-run embed")
     feats = np.asarray(sf.features)
-    if feats.ndim != 2 or len(feats) != len(coords) or not np.array_equal(sf.coords.reshape(-1, 2), coords):
+    read = np.asarray(sf.coords, dtype=np.int64).reshape(-1, 2)
+    failed = np.zeros((0, 2), np.int64) if sf.failed_coords is None else np.asarray(sf.failed_coords).reshape(-1, 2)
+    if feats.ndim != 2 or len(feats) != len(read) or split_mismatch(coords, read, failed) is not None:
         raise CorruptOutputError(f"features file {path} does not match the coords file row for row; re-run embed")
-    return SlideSource(sid, coords, attrs, coords_path, feats.astype(np.float32, copy=False), path,
-                       feature_set.model_id, dict(sf.attrs))
+    if len(failed):
+        _logger.warning("%s: %d unreadable patches have no features and are left out of the export "
+                        "(listed in %s, failed_coords)", sid, len(failed), path)
+    return SlideSource(sid, read, attrs, coords_path, feats.astype(np.float32, copy=False), path,
+                       feature_set.model_id, dict(sf.attrs), n_failed=len(failed))
 
 
 __all__ = ["FeatureSet", "SlideSource", "coords_files", "feature_sets", "load_slide", "pick_feature_set"]

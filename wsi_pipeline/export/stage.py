@@ -99,7 +99,8 @@ def export_outputs(out_dir: str | os.PathLike[str], to: str, dest: str | os.Path
         try:
             src = load_slide(out_dir, path, feature_set)
             written = exporter.export_slide(src, target)
-            result = ExportResult(sid, "ok", n_patches=len(src.coords), files=tuple(str(p) for p in written))
+            left_out = f"{src.n_failed} unreadable patches left out" if src.n_failed else ""
+            result = ExportResult(sid, "ok", left_out, n_patches=len(src.coords), files=tuple(str(p) for p in written))
         except WsiPipelineError as e:
             result = ExportResult(sid, "failed", one_line(e))
             _logger.error("%s: %s", sid, result.reason)

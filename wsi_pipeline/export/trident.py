@@ -39,9 +39,12 @@ def job_name(attrs: dict[str, Any]) -> str:
 
 
 def level0_magnification(patch_size: int, patch_size_level0: int, target_magnification: float) -> float:
-    """The level-0 magnification for which ``floor(patch_size * m / target) == patch_size_level0``."""
+    """The level-0 magnification for which ``floor(patch_size * m / target) == patch_size_level0``,
+    and TRIDENT's own ``patch_size * m // target`` (float floor division, which can come out one
+    lower where the quotient rounds up to a whole number) gives it too."""
     mag = patch_size_level0 * target_magnification / patch_size
-    while math.floor(patch_size * mag / target_magnification) < patch_size_level0:  # float rounding fell short
+    while min(math.floor(patch_size * mag / target_magnification),
+              patch_size * mag // target_magnification) < patch_size_level0:  # float rounding fell short
         mag = math.nextafter(mag, math.inf)
     return mag
 
