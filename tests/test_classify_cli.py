@@ -87,9 +87,11 @@ def test_classify_from_raw_slides(first_run: Result, workdir: Path) -> None:
 def test_classify_again_on_the_output_folder(first_run: Result, workdir: Path) -> None:
     r = _run("classify", "--prompts", str(PROMPTS), "-o", str(workdir / "out"), *FAST, "--top-k", "1",
              "--no-visuals")
-    assert r.exit_code == 0, r.output  # broken.svs has no coords, so it is not part of this run
+    # broken.svs has no coords; its failed tiling (status.csv) keeps it in the run, so exit 1
+    assert r.exit_code == 1, r.output
     rows = {x["slide_id"]: x for x in _rows(workdir / "out" / "predictions" / "demo.csv")}
-    assert set(rows) == {"s1", "s2", "blank"}
+    assert set(rows) == {"s1", "s2", "blank", "broken"}
+    assert rows["broken"]["status"] == "failed" and rows["broken"]["reason"].startswith("tile: ")
     assert rows["s1"]["k"] == "1" and rows["blank"]["status"] == "no_tissue"
 
 

@@ -270,7 +270,10 @@ def test_status_csv_gets_classify_rows(run, slides: Path) -> None:
 def test_rerun_on_output_folder_skips_work_and_agrees(run, slides: Path) -> None:
     again = classify_slides(None, slides / "out", PROMPTS, embed=EMBED, top_k=1, visuals=False)
     assert {r.status for r in again.embed_summary.results} == {"skipped"}
-    assert [r.slide_id for r in again.rows] == ["blank", "s1", "s2", "s3"]  # the slides with coords
+    # the slides with coords, and the one whose tiling failed (status.csv), still a failed row
+    assert [r.slide_id for r in again.rows] == ["blank", "broken", "s1", "s2", "s3"]
+    broken = next(r for r in again.rows if r.slide_id == "broken")
+    assert broken.status == "failed" and broken.reason.startswith("tile: ") and "not a readable slide" in broken.reason
     assert again.ks == (1, 10, 50) and again.model_id == run.model_id
     first = {r.slide_id: r for r in run.rows}
     for r in again.rows:

@@ -250,6 +250,10 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
                 params[key].type_cast_value(ctx, v)
             except click.BadParameter as e:
                 raise click.UsageError(f"config {path}: {key}: {e.message}") from None
+            except (TypeError, ValueError):  # a YAML list or mapping where one value belongs
+                want = "a list" if params[key].multiple or params[key].nargs != 1 else "one value"
+                raise click.UsageError(f"config {path}: {key}: expected {want} of type {params[key].type.name}, "
+                                       f"got {type(v).__name__} {v!r}") from None
             defaults[str(params[key].name)] = v
         elif key in _tiling_fields() and "target_mpp" in params:
             extra[key] = v
@@ -306,12 +310,16 @@ def _write_run_config(ctx: click.Context, out_dir: str, tiling: Any = None) -> N
 
 
 # -- inputs -------------------------------------------------------------------------------
+def _input_items(inputs: Iterable[str], list_file: str | None) -> list[str]:
+    """INPUTS plus ``--list`` as one list of inputs (files, folders, ``@list.txt``)."""
+    return [*inputs, *([f"@{list_file}"] if list_file else [])]
+
+
 def _collect(inputs: Iterable[str], list_file: str | None, recursive: bool) -> list[str]:
     """INPUTS plus ``--list`` expanded (folders, ``@list.txt``) into slide paths."""
     from .inputs import collect_inputs
 
-    items = [*inputs, *([f"@{list_file}"] if list_file else [])]
-    return [str(p) for p in collect_inputs(items, recursive=recursive)]
+    return [str(p) for p in collect_inputs(_input_items(inputs, list_file), recursive=recursive)]
 
 
 def _tiling_config(ctx: click.Context, params: dict[str, Any]) -> Any:
@@ -599,12 +607,12 @@ def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out
         tiling = _tiling_config(ctx, params)
         embed = _embed_config(params)
         runtime = _runtime_config(params)
-        slides = _collect(inputs, list_file, recursive) if inputs or list_file else None
-        summary = classify_slides(slides, out_dir, prompts, tiling=tiling, embed=embed, top_k=top_k,
+        items = _input_items(inputs, list_file) or None  # expanded once, by classify_slides
+        summary = classify_slides(items, out_dir, prompts, tiling=tiling, embed=embed, top_k=top_k,
                                   labels=labels, prompt_sets=prompt_sets, seed=seed, visuals=not no_visuals,
                                   progress=None if quiet else _TqdmProgress("classify", unit="patch"),
-                                  runtime=runtime)
-        _write_run_config(ctx, out_dir, tiling=tiling)
+                                  runtime=runtime, recursive=recursive)
+        _write_run_config(ctx, out_dir, tiling=summary.tiling or tiling)
     except WsiPipelineError as e:
         _die(str(e))
     click.echo(summary.table())

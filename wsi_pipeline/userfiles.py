@@ -38,7 +38,9 @@ def read_csv_table(path: str | os.PathLike[str], what: str, columns: Sequence[st
     byte-order mark is ignored and rows whose cells are all empty are skipped. Other columns
     are ignored, unless ``optional`` is given: then the header may hold only ``columns`` and
     ``optional`` (a typo is an error, not a silently ignored column), and the optional
-    columns present are returned too. ``what`` names the file in messages (``"labels CSV"``).
+    columns present are returned too. A row with more filled cells than the header has
+    columns (an unquoted decimal comma) is an error. ``what`` names the file in messages
+    (``"labels CSV"``).
     """
     p = Path(path)
     reader = csv.reader(io.StringIO(read_text(p, what), newline=""), strict=True)
@@ -58,6 +60,9 @@ def read_csv_table(path: str | os.PathLike[str], what: str, columns: Sequence[st
         index = {c: header.index(c) for c in wanted}
         rows = []
         for cells in reader:
+            if any(cell.strip() for cell in cells[len(header):]):  # e.g. an unquoted decimal comma
+                raise ConfigError(f"{where(what, p, reader.line_num)}: {len(cells)} cells, but the header has "
+                                  f"{len(header)} ({','.join(cells)!r}; quote a cell that holds a comma)")
             if any(cell.strip() for cell in cells):
                 values = {c: (cells[i].strip() if i < len(cells) else "") for c, i in index.items()}
                 rows.append((reader.line_num, values))

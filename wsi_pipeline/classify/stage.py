@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from ..runtime.executor import Executor, RuntimeConfig, make_executor
 from ..runtime.locks import LOCKED_REASON_PREFIX
 from ..store.atomic import atomic_write_text, ensure_writable_dir
 from ..store.features import SlideFeatures
+from ..store.status import latest_status
 from .inputs import collect_inputs, is_roi_image, roi_tiling_config
 from .metrics import check_label_slides, compute_metrics, format_metrics, load_labels, prompt_set_robustness
 from .outputs import SlidePrediction, format_table, write_predictions
@@ -68,6 +69,7 @@ class ClassifySummary:
     report_path: Path | None = None
     tile_results: list[Any] = field(default_factory=list)
     embed_summary: Any = None
+    tiling: TilingConfig | None = None  # what the slides were tiled with (None: several settings)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -115,13 +117,15 @@ def classify_slides(
     visuals: bool = True,
     progress: Progress | None = None,
     runtime: RuntimeConfig | None = None,
+    recursive: bool = False,
 ) -> ClassifySummary:
     """Tile and embed what is missing or stale, then classify every slide zero-shot.
 
     Parameters
     ----------
-    inputs : slide / ROI image paths (see :func:`.inputs.collect_inputs`), or ``None`` to
-        classify the slides already tiled into ``out_dir/coords``.
+    inputs : slide / ROI image paths, folders and ``@list.txt`` files (expanded by
+        :func:`.inputs.collect_inputs`, descending into sub-folders when ``recursive``), or
+        ``None`` to classify the slides already tiled into ``out_dir/coords``.
     out_dir : output folder (shared with ``tile`` and ``embed``).
     prompts_path : prompt file (YAML, or CONCH/MI-Zero JSON).
     tiling, embed : :class:`~wsi_pipeline.config.TilingConfig` and
@@ -150,6 +154,7 @@ def classify_slides(
 
     t_start = time.perf_counter()
     tiling = tiling or TilingConfig()
+    tiling_used: TilingConfig | None = tiling  # what the scored slides were tiled with (None: several)
     embed = embed or EmbedConfig()
     runtime = runtime or RuntimeConfig()
     executor = make_executor(runtime)  # e.g. Ray not installed: a usage error before any work
@@ -166,12 +171,18 @@ def classify_slides(
         raise ConfigError("--prompt-sets needs --labels: robustness is the balanced accuracy of each prompt set")
     out = ensure_writable_dir(out_dir)
     paths: list[Path] | None = None
+    tile_failed: dict[str, str] = {}
     if inputs is None:
-        slide_ids = [p.stem for p in find_coords_files(out)]
-        if not slide_ids:
+        coords_files = find_coords_files(out)
+        if not coords_files:
             raise ConfigError(f"{out / 'coords'} holds no coords files; give slide paths so they are tiled first")
+        tiling_used = _tiling_of(coords_files, tiling)
+        # slides whose tiling failed have no coords file, but stay in the run as failed rows
+        tile_failed = {sid: f"tile: {row['reason']}" for sid, row in latest_status(out, "tile").items()
+                       if row["status"] == "failed" and not (out / "coords" / f"{sid}.h5").exists()}
+        slide_ids = sorted([p.stem for p in coords_files] + list(tile_failed))
     else:
-        paths = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
+        paths = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs, recursive=recursive)
         slide_ids = check_unique_ids(paths, out)
     if label_map is not None:
         check_label_slides(label_map, slide_ids, f"labels CSV {labels}")
@@ -186,7 +197,7 @@ def classify_slides(
     model = load_encoder(embed, resolve_device(embed.device)) if slide_ids else None
 
     failed, tile_results, embed_summary = _tile_and_embed(paths, slide_ids, out, tiling, embed, progress, runtime,
-                                                          executor, model)
+                                                          executor, model, tile_failed)
     timings = {"tile_embed": time.perf_counter() - t_start}
 
     model_id = embed_summary.model_id if embed_summary else ""
@@ -202,14 +213,16 @@ def classify_slides(
     timings.update(score_timings)
     for r in rows:
         r.label = label_map.get(r.slide_id) if label_map else None
-    provenance = _provenance(prompts, prompts_path, ks, embed, model, model_id, tiling, labels, prompt_sets, seed)
+    provenance = _provenance(prompts, prompts_path, ks, embed, model, model_id, tiling_used, labels, prompt_sets,
+                             seed)
     t0 = time.perf_counter()
     if shard is not None:
         provenance["shard"] = str(shard)
     name = prompts.name if shard is None else f"{prompts.name}_{shard.tag}"
     csv_path, json_path = write_predictions(out, name, prompts.class_names, rows, provenance)
     summary = ClassifySummary(prompts.name, prompts.class_names, ks, model_id, rows, csv_path, json_path,
-                              tile_results=tile_results, embed_summary=embed_summary, timings=timings)
+                              tile_results=tile_results, embed_summary=embed_summary, timings=timings,
+                              tiling=tiling_used)
     if label_map is not None and shard is None:
         summary.metrics = _metrics(rows, label_map, prompts.class_names, set_preds, prompt_sets, seed)
         summary.metrics["provenance"] = {k: provenance[k] for k in ("prompts", "top_k", "model", "created")}
@@ -223,7 +236,8 @@ def classify_slides(
         info = {"prompts": f"{prompts.name} (sha256 {prompts.sha256[:12]})", "classes": ", ".join(prompts.class_names),
                 "top-K": ks[0], "model": model_id or embed.model,
                 "weights sha256": (model_prov.get("weights_sha256") or "none (random init)")[:16],
-                "tiling": f"{tiling.patch_size} px at {tiling.target_mpp:g} µm/px",
+                "tiling": (f"{tiling_used.patch_size} px at {tiling_used.target_mpp:g} µm/px" if tiling_used
+                           else "several settings (see each slide's provenance)"),
                 "wsi-pipeline": provenance["wsi_pipeline_version"], "created": provenance["created"]}
         summary.report_path = write_classify_report(out, f"wsi-pipeline classify: {prompts.name}", rows,
                                                     prompts.class_names, info, summary.metrics_block() or None)
@@ -236,15 +250,16 @@ def classify_slides(
 def _tile_and_embed(
     paths: Sequence[Path] | None, slide_ids: Sequence[str], out: Path, tiling: TilingConfig, embed: EmbedConfig,
     progress: Progress | None, runtime: RuntimeConfig, executor: Executor, model: Any = None,
+    tile_failed: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, str], list[Any], Any]:
     """Run ``tile`` (when ``paths`` are given; ROI images with their own settings) and ``embed``
     on one executor; both skip slides whose outputs validate. Returns (failed id -> reason,
-    tile results, embed summary). A slide another live run holds is failed here: it cannot be
-    scored yet."""
+    tile results, embed summary); ``tile_failed`` are slides already known to have failed
+    tiling. A slide another live run holds is failed here: it cannot be scored yet."""
     from ..embed.stage import embed_slides
     from ..tiling.stage import tile_slides
 
-    failed: dict[str, str] = {}
+    failed: dict[str, str] = dict(tile_failed or {})
     tile_results: list[Any] = []
     with executor:  # Ray: one session for both stages (the stages' own executors reuse it)
         if paths is not None:
@@ -265,6 +280,21 @@ def _tile_and_embed(
         done = {r.slide_id for r in embed_summary.results}
         failed.update({s: "embed: no coords file; tile the slide first" for s in to_embed if s not in done})
     return failed, tile_results, embed_summary
+
+
+def _tiling_of(coords_files: Sequence[Path], tiling: TilingConfig) -> TilingConfig | None:
+    """The tiling settings ``coords_files`` record (``tiling`` for what they do not record), or
+    ``None`` when they record several (ROI images, per-slide settings): with no INPUTS nothing
+    is tiled, so this, not the options, is what the run used."""
+    from ..store.coords import read_coords_attrs
+
+    found = {str(a["tiling_config"]) for a in map(read_coords_attrs, coords_files) if a and "tiling_config" in a}
+    if len(found) != 1:
+        _logger.info("the slides in this folder were tiled with %d different settings", len(found))
+        return None
+    used = tiling.merge(json.loads(found.pop()))
+    _logger.info("scoring the slides as they were tiled: %d px at %g µm/px", used.patch_size, used.target_mpp)
+    return used
 
 
 def _not_done(result: Any) -> bool:
@@ -331,7 +361,7 @@ def _metrics(rows: Sequence[SlidePrediction], labels: dict[str, str], class_name
 
 
 def _provenance(prompts: PromptSet, prompts_path: Any, ks: Sequence[int], embed: EmbedConfig, model: Any, model_id: str,
-                tiling: TilingConfig, labels: Any, prompt_sets: int, seed: int) -> dict[str, Any]:
+                tiling: TilingConfig | None, labels: Any, prompt_sets: int, seed: int) -> dict[str, Any]:
     import torch
 
     scale = float(model.logit_scale.detach().float().exp()) if model is not None else None
@@ -347,7 +377,7 @@ def _provenance(prompts: PromptSet, prompts_path: Any, ks: Sequence[int], embed:
         "model": {"name": embed.model, "model_id": model_id, "weights": embed.weights,
                   "weights_sha256": getattr(model, "weights_sha256", None), "logit_scale": scale},
         "embed": _jsonable(dataclasses.asdict(embed)),
-        "tiling": tiling.signature(),
+        "tiling": tiling.signature() if tiling else "several settings (see each slide's provenance)",
         "roi_tiling": "ROI images (PNG/JPEG) without mpp are tiled at target_mpp (1:1); no tissue-area filters",
         "labels": os.path.abspath(labels) if labels is not None else None,
         "prompt_sets": prompt_sets,

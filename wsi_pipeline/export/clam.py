@@ -86,6 +86,7 @@ class ClamExporter:
 
     name: str = "clam"
     help: str = "CLAM: patches/, h5_files/, pt_files/"
+    model_in_paths: bool = False
 
     def export_slide(self, src: SlideSource, dest: Path) -> list[Path]:
         patches_dir = dest / PATCHES_DIR

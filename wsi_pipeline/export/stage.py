@@ -13,6 +13,7 @@ unwritable destination) raise :class:`~wsi_pipeline.errors.WsiPipelineError` bef
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,19 +22,24 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import ConfigError, WsiPipelineError, one_line
-from ..store.atomic import ensure_writable_dir
+from ..store.atomic import atomic_write_text, ensure_writable_dir
 from .clam import ClamExporter
 from .source import SlideSource, coords_files, load_slide, pick_feature_set
 from .trident import TridentExporter
 
 _logger = logging.getLogger(__name__)
 
+#: In a destination whose layout does not name the model: which model's features it holds.
+MODEL_FILE = "wsi_pipeline_export.json"
+
 
 class Exporter(Protocol):
-    """One target layout: ``export_slide`` writes one slide under ``dest`` and returns the files."""
+    """One target layout: ``export_slide`` writes one slide under ``dest`` and returns the files.
+    ``model_in_paths``: the feature files' paths name the model (else one model per ``dest``)."""
 
     name: str
     help: str
+    model_in_paths: bool
 
     def export_slide(self, src: SlideSource, dest: Path) -> list[Path]: ...
 
@@ -90,6 +96,8 @@ def export_outputs(out_dir: str | os.PathLike[str], to: str, dest: str | os.Path
     files = coords_files(out_dir)
     feature_set = pick_feature_set(out_dir, model_id)
     target = ensure_writable_dir(dest)
+    if feature_set is not None and not exporter.model_in_paths:
+        _claim_for_model(target, to, feature_set.model_id)
     summary = ExportSummary(to, target, feature_set.model_id if feature_set else None)
     if feature_set is None:
         summary.notice = f"{Path(out_dir) / 'features'} holds no features: exporting patch coordinates only"
@@ -107,6 +115,22 @@ def export_outputs(out_dir: str | os.PathLike[str], to: str, dest: str | os.Path
         summary.results.append(result)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _claim_for_model(dest: Path, to: str, model_id: str) -> None:
+    """Mark ``dest`` as holding ``model_id``'s features (``MODEL_FILE``); :class:`ConfigError` when
+    it holds another model's: the layout's file names do not say which model wrote them, so two
+    models in one folder would mix silently."""
+    marker = dest / MODEL_FILE
+    try:
+        held = json.loads(marker.read_text(encoding="utf-8")).get("model_id") if marker.exists() else None
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held is not None and held != model_id:
+        raise ConfigError(f"{dest} holds a {to} export of the features of {held}; export {model_id} into "
+                          f"another folder ({to}'s file names do not name the model, so they would mix)")
+    if held is None:
+        atomic_write_text(marker, json.dumps({"format": to, "model_id": model_id}, indent=1) + "\n")
 
 
 __all__ = ["EXPORTERS", "ExportResult", "ExportSummary", "Exporter", "export_outputs", "exporter_names",

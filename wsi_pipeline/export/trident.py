@@ -73,6 +73,7 @@ class TridentExporter:
 
     name: str = "trident"
     help: str = "TRIDENT: <mag>x_<ps>px_<ov>px_overlap/{patches,features_<model_id>}/"
+    model_in_paths: bool = True
 
     def export_slide(self, src: SlideSource, dest: Path) -> list[Path]:
         job = dest / job_name(src.coords_attrs)

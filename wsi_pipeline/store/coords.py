@@ -104,6 +104,15 @@ def read_coords(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any
     return np.asarray(coords), attrs
 
 
+def read_coords_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The attributes of a coords file without reading its coordinates; ``None`` when unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: _py_value(v) for k, v in f["coords"].attrs.items()}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def validate_coords(path: str | os.PathLike[str], expected: Mapping[str, Any]) -> bool | str:
     """``True`` when ``path`` is a complete coords file made with ``expected`` settings, else a reason.
 
@@ -169,4 +178,4 @@ def _py_value(v: Any) -> Any:
     return v
 
 
-__all__ = ["REQUIRED_ATTRS", "SCHEMA_VERSION", "read_coords", "validate_coords", "write_coords"]
+__all__ = ["REQUIRED_ATTRS", "SCHEMA_VERSION", "read_coords", "read_coords_attrs", "validate_coords", "write_coords"]

@@ -43,7 +43,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import ConfigError, one_line
+from ..errors import ConfigError, CorruptOutputError, one_line
 from .atomic import TMP_SUFFIX, atomic_path, atomic_write_text, fsync_dir
 from .provenance import jsonable
 
@@ -235,14 +235,18 @@ def _zarr_write(
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         n, d = features.shape
-        group.create_array("features", data=features.astype(np.float32, copy=False), chunks=(max(1, min(n, 1024)), max(d, 1)))
-        c = group.create_array("coords", data=coords.astype(np.int64, copy=False).reshape(-1, 2), chunks=(max(1, min(n, 65536)), 2))
+        every = {"write_empty_chunks": True}  # all chunks on disk: a missing one is damage (see _zarr_array)
+        group.create_array("features", data=features.astype(np.float32, copy=False),
+                           chunks=(max(1, min(n, 1024)), max(d, 1)), config=every)
+        c = group.create_array("coords", data=coords.astype(np.int64, copy=False).reshape(-1, 2),
+                               chunks=(max(1, min(n, 65536)), 2), config=every)
         c.attrs.update({k: jsonable(v) for k, v in coords_attrs.items()})
         failed = _coords2(failed_coords)
-        group.create_array(FAILED_COORDS, data=failed, chunks=(max(1, min(len(failed), 65536)), 2))
+        group.create_array(FAILED_COORDS, data=failed, chunks=(max(1, min(len(failed), 65536)), 2), config=every)
         if embeddings is not None:
             vals = embeddings.values.astype(np.float16, copy=False)
-            e = group.create_array(EMBEDDINGS, data=vals, chunks=(max(1, min(n, 4096)), max(vals.shape[1], 1)))
+            e = group.create_array(EMBEDDINGS, data=vals, chunks=(max(1, min(n, 4096)), max(vals.shape[1], 1)),
+                                   config=every)
             e.attrs.update(embeddings.attrs())
         group.attrs.update({k: jsonable(v) for k, v in attrs.items()})
         group.attrs["complete"] = True
@@ -264,7 +268,7 @@ def _zarr_read(root: Path, model_id: str, slide_id: str, embeddings_for: str | N
     import zarr
 
     group = zarr.open_group(str(_zarr_path(root, model_id, slide_id)), mode="r")
-    feats, crds = group["features"], group["coords"]
+    feats, crds = _zarr_array(group, "features"), _zarr_array(group, "coords")
     e_attrs = dict(group[EMBEDDINGS].attrs) if EMBEDDINGS in group else {}
     use = _use_embeddings(e_attrs, embeddings_for)
     return SlideFeatures(
@@ -272,10 +276,20 @@ def _zarr_read(root: Path, model_id: str, slide_id: str, embeddings_for: str | N
         coords=np.asarray(crds[...]),
         attrs=dict(group.attrs),
         coords_attrs=dict(crds.attrs),
-        failed_coords=np.asarray(group[FAILED_COORDS][...]) if FAILED_COORDS in group else None,
-        embeddings=np.asarray(group[EMBEDDINGS][...]) if use else None,
+        failed_coords=np.asarray(_zarr_array(group, FAILED_COORDS)[...]) if FAILED_COORDS in group else None,
+        embeddings=np.asarray(_zarr_array(group, EMBEDDINGS)[...]) if use else None,
         embeddings_attrs=e_attrs,
     )
+
+
+def _zarr_array(group: Any, name: str) -> Any:
+    """``group[name]``, refused when a chunk file is missing: zarr reads a missing chunk as
+    its fill value, so a chunk lost in a copy would pass as zero features."""
+    arr = group[name]
+    if arr.nchunks_initialized != arr.nchunks:
+        raise CorruptOutputError(f"zarr array {name!r} misses {arr.nchunks - arr.nchunks_initialized} of "
+                                 f"{arr.nchunks} chunk files")
+    return arr
 
 
 # ----------------------------------------------------------------------------- registry

@@ -46,13 +46,17 @@ def append_status(out_dir: str | os.PathLike[str], row: StatusRow) -> None:
             time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         ]
     )
-    with open(path, "a+", encoding="utf-8", newline="") as f:
+    with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            f.seek(0, os.SEEK_END)
-            if f.tell() == 0:
-                f.write(",".join(COLUMNS) + "\n")
-            f.write(buf.getvalue())
+            end = f.seek(0, os.SEEK_END)
+            if end == 0:
+                f.write((",".join(COLUMNS) + "\n").encode())
+            else:  # a file saved without its last newline (an editor, a cut copy) must not glue two rows
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(buf.getvalue().encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         finally:

@@ -146,6 +146,13 @@ def tile_slides(
     check_backend(config.backend)
     overrides = load_mpp_csv(config.mpp_csv) if config.mpp_csv else {}
     per_slide = load_slide_params(config.slide_params, config) if config.slide_params else {}
+    for what, source, table in (("mpp CSV", config.mpp_csv, overrides),
+                                ("slide params CSV", config.slide_params, per_slide)):
+        for p, sid in zip(paths, ids, strict=True):  # `a` and `a.svs` are one slide: one value
+            name = Path(p).name
+            if sid != name and sid in table and name in table and table[sid] != table[name]:
+                raise ConfigError(f"{what} {source}: slide {sid!r} is listed twice with different values, "
+                                  f"as {sid!r} and {name!r}")
     out = ensure_writable_dir(out_dir)
     for sub in (COORDS_DIR, THUMBNAIL_DIR, TISSUE_DIR):
         n = remove_stale_temps(ensure_writable_dir(out / sub), min_age_s=STALE_TEMP_AGE_S)
@@ -262,6 +269,9 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
     from .lowres import check_seg_cost, choose_seg_level, read_lowres
     from .tissue import mask_to_polygons, segment_tissue
 
+    if sid.startswith("."):  # its outputs would be hidden: embed, classify and export skip dot files
+        raise SlideError(f"slide id {sid!r} starts with '.', which wsi-pipeline keeps for its temporary files; "
+                         "rename the file")
     paths = OutputPaths.of(out, sid)
     with open_slide(path, config.backend) as slide:
         info = resolve_mpp(slide.info, sid, config, overrides)
