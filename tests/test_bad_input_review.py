@@ -166,3 +166,63 @@ def test_classify_without_inputs_records_the_tiling_it_scored(baseline: Path, tm
     assert (config["patch_size"], config["target_mpp"]) == (64, 1.0)
     assert "<b>tiling</b>: 64 px at 1 µm/px" in (out / "report.html").read_text()
     assert latest_status(out, "embed")[GOOD]["status"] == "skipped"
+
+
+@pytest.mark.parametrize(("option", "value", "fragment"), [
+    ("--target-mpp", "1e300", "target_mpp must be a resolution in 0.001..1000 µm/px, got 1e+300"),
+    ("--mag", "1e-300", "magnification must be a number in 0.01..10000, got 1e-300"),
+    ("--seg-level-mpp", "1e9", "seg_level_mpp must be a resolution in 0.001..1000 µm/px"),
+    ("--default-mpp", "0", "default_mpp must be a resolution in 0.001..1000 µm/px"),
+])
+def test_resolutions_beyond_any_scanner_are_usage_errors(good, tmp_path: Path, option: str, value: str,
+                                                         fragment: str) -> None:
+    fast = test_bad_input_suite.FAST
+    if option == "--mag":  # instead of the suite's --target-mpp
+        i = fast.index("--target-mpp")
+        fast = fast[:i] + fast[i + 2:]
+    r = _run("classify", good.path, "--prompts", test_bad_input_suite.PROMPTS, "-o", tmp_path / "out", *fast,
+             option, value)
+    _assert_usage_error(r, fragment)
+
+
+def test_a_header_resolution_beyond_any_scanner_fails_the_slide() -> None:
+    """A reader that passes a header's 1e-5 µm/px on: the slide fails in one line (the TIFF
+    readers already drop such a resolution as missing)."""
+    from wsi_pipeline.config import TilingConfig
+    from wsi_pipeline.errors import SlideError
+    from wsi_pipeline.slide.base import SlideInfo
+    from wsi_pipeline.tiling.stage import resolve_mpp
+
+    info = SlideInfo(path="nm.svs", backend="t", backend_version="0", level_dimensions=((512, 512),),
+                     level_downsamples=(1.0,), mpp_x=1e-5, mpp_y=1e-5, mpp_source="aperio.MPP")
+    with pytest.raises(SlideError, match=r"the file's mpp must be a resolution in 0.001..1000 µm/px, got 1e-05: "
+                                         r"a damaged header; give the slide's mpp with --mpp-csv"):
+        resolve_mpp(info, "nm", TilingConfig(), {})
+    assert resolve_mpp(info, "nm", TilingConfig(), {"nm": 0.25}).mpp == 0.25  # the CSV still wins
+
+
+def test_a_float_tiff_is_named_for_its_sample_type(good, baseline: Path, tmp_path: Path) -> None:
+    """OpenSlide opens a float32 RGB TIFF and then fails on every tile: refused at open instead."""
+    import numpy as np
+    import tifffile
+
+    f32 = tmp_path / "in" / "f32.tif"
+    f32.parent.mkdir()
+    tifffile.imwrite(f32, np.random.default_rng(0).random((512, 512, 3), np.float32), photometric="rgb",
+                     tile=(256, 256), resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    out = tmp_path / "out"
+    r = _classify([good.path, f32], out)
+    assert r.exit_code == 1, r.output
+    reason = latest_status(out, "tile")["f32"]["reason"]
+    assert "openslide: unsupported sample type float32" in reason and "corrupt" not in reason
+    _assert_good_intact(out, baseline)
+
+
+def test_a_segmentation_factor_past_the_level_is_one_block() -> None:
+    from wsi_pipeline.slide.base import SlideInfo
+    from wsi_pipeline.tiling.lowres import choose_seg_level
+
+    info = SlideInfo(path="x", backend="t", backend_version="0", level_dimensions=((3000, 2000), (750, 500)),
+                     level_downsamples=(1.0, 4.0), mpp_x=0.25, mpp_y=0.25)
+    assert choose_seg_level(info, 8.0) == (1, 8)
+    assert choose_seg_level(info, 999.0) == (1, 750)  # not 999: a 750 px level is one block at most

@@ -100,7 +100,8 @@ def test_mpp_csv(tmp_path: Path) -> None:
     [
         ("name,res\na,0.5\n", "columns"),
         ("slide,mpp\na,abc\n", "line 2: mpp 'abc' is not a number"),
-        ("slide,mpp\na,-1\n", "positive"),
+        ("slide,mpp\na,-1\n", "a resolution in 0.001..1000 µm/px, got -1.0"),
+        ("slide,mpp\na,1e-9\n", "a resolution in 0.001..1000 µm/px, got 1e-09"),
         ("slide,mpp\na,0.5\na,0.25\n", "twice"),
         ("slide,mpp\n,0.5\n", "empty slide"),
     ],

@@ -38,6 +38,8 @@ def test_loader_types_blank_cells_and_header_spelling(tmp_path: Path) -> None:
         ("slide,patch_size\na,512\n", "unknown columns 'patch_size' (allowed besides slide: min_tissue, "),
         ("slide,min_tisue\na,0.5\n", "unknown columns 'min_tisue'"),
         ("slide,min_tissue\na,lots\n", "line 2: min_tissue 'lots' is not a number"),
+        ("slide,median_size\na,2.5\n", "line 2: median_size '2.5' is not an integer"),
+        ("slide,min_tissue\na,0,5\n", "line 2: 3 cells, but the header has 2"),
         ("slide,min_tissue\na,0.5\nb,1.5\n", "line 3: min_tissue must be a fraction in [0, 1], got 1.5"),
         ("slide,median_size\na,4\n", "line 2: median_size must be odd, got 4"),
         ("slide,threshold\na,bright\n", "line 2: threshold must be 'otsu' or an integer 0..255"),

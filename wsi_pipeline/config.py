@@ -33,8 +33,9 @@ _logger = logging.getLogger(__name__)
 
 def mag_to_mpp(mag: float) -> float:
     """Objective magnification → µm/px by the convention 10× ≙ 1 µm/px (20× → 0.5)."""
-    if not _positive(mag):
-        raise ConfigError(f"magnification must be a positive number, got {mag!r}")
+    if not _positive(mag) or not MPP_RANGE[0] <= 10.0 / float(mag) <= MPP_RANGE[1]:
+        raise ConfigError(f"magnification must be a number in {10 / MPP_RANGE[1]:g}..{10 / MPP_RANGE[0]:g}, "
+                          f"got {mag!r}")
     return 10.0 / float(mag)
 
 
@@ -155,17 +156,15 @@ class TilingConfig:
     max_upsample: float | None = None
 
     def __post_init__(self) -> None:
-        if not _positive(self.target_mpp):
-            raise ConfigError(f"target_mpp must be a positive number (µm/px), got {self.target_mpp!r}")
+        check_mpp("target_mpp", self.target_mpp)
         _check_int("patch_size", self.patch_size, 8, 16384)
         if not _number(self.overlap) or not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"overlap must be a fraction in [0, 1), got {self.overlap!r}")
         if not _number(self.min_tissue) or not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"min_tissue must be a fraction in [0, 1], got {self.min_tissue!r}")
-        if not _positive(self.seg_level_mpp):
-            raise ConfigError(f"seg_level_mpp must be a positive number (µm/px), got {self.seg_level_mpp!r}")
-        if self.default_mpp is not None and not _positive(self.default_mpp):
-            raise ConfigError(f"default_mpp must be a positive number (µm/px), got {self.default_mpp!r}")
+        check_mpp("seg_level_mpp", self.seg_level_mpp)
+        if self.default_mpp is not None:
+            check_mpp("default_mpp", self.default_mpp)
         if not isinstance(self.backend, str) or not self.backend:
             raise ConfigError(f"backend must be a name such as 'auto', got {self.backend!r}")
         _check_int("thumbnail_max_side", self.thumbnail_max_side, 64, 16384)
@@ -276,8 +275,10 @@ def load_mpp_csv(path: str | os.PathLike[str]) -> dict[str, float]:
             mpp = float(raw)
         except ValueError:
             raise ConfigError(f"{at}: mpp {raw!r} is not a number") from None
-        if not _positive(mpp):
-            raise ConfigError(f"{at}: mpp must be positive, got {raw!r}")
+        try:
+            check_mpp("mpp", mpp)
+        except ConfigError as e:
+            raise ConfigError(f"{at}: {e}") from None
         if key in out and not math.isclose(out[key], mpp):
             raise ConfigError(f"{at}: slide {key!r} is listed twice")
         out[key] = mpp
@@ -321,7 +322,8 @@ def load_slide_params(path: str | os.PathLike[str], base: TilingConfig) -> dict[
             try:
                 values[name] = int(text) if types[name] is int else float(text)
             except ValueError:
-                raise ConfigError(f"{at}: {name} {text!r} is not a number") from None
+                kind = "an integer" if types[name] is int else "a number"
+                raise ConfigError(f"{at}: {name} {text!r} is not {kind}") from None
         try:
             base.merge(values)
         except ConfigError as e:
@@ -350,12 +352,25 @@ def _positive(v: Any) -> bool:
     return _number(v) and v > 0
 
 
+#: Resolutions (µm/px) a setting or a slide may have: 1 nm to 1 mm per pixel, far beyond any
+#: scanner either way, but inside what the geometry can hold (a patch's level-0 size in int64).
+MPP_RANGE = (1e-3, 1e3)
+
+
+def check_mpp(name: str, v: Any) -> None:
+    """:class:`ConfigError` unless ``v`` is a resolution in :data:`MPP_RANGE` (µm/px)."""
+    if not _number(v) or not MPP_RANGE[0] <= v <= MPP_RANGE[1]:
+        raise ConfigError(f"{name} must be a resolution in {MPP_RANGE[0]:g}..{MPP_RANGE[1]:g} µm/px, got {v!r}")
+
+
 def _check_int(name: str, v: Any, lo: int, hi: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ConfigError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
 
 
 __all__ = [
+    "MPP_RANGE",
+    "check_mpp",
     "SegmentationParams",
     "TilingConfig",
     "load_mpp_csv",

@@ -22,7 +22,7 @@ _AXIS_NAMES = {"C": "channels", "S": "samples per pixel", "Z": "z planes", "T": 
 
 
 def picture_problem(series: Any) -> str | None:
-    """Why level 0 of a tifffile ``series`` is not one 2-D grey or RGB(A) picture, or ``None``.
+    """Why level 0 of a tifffile ``series`` is not one 2-D 8-bit grey or RGB(A) picture, or ``None``.
 
     The message names what was found: a fluorescence OME-TIFF stores one grey page per
     channel (axes ``CYX``), a multispectral file interleaves more samples than RGBA, a stack
@@ -34,6 +34,9 @@ def picture_problem(series: Any) -> str | None:
     samples = dict(zip(axes, shape, strict=True)).get("S", 1)
     photometric = getattr(level.keyframe.photometric, "name", str(level.keyframe.photometric))
     if axes in PICTURE_AXES and (samples in (1, 2) or (samples in (3, 4) and photometric in COLOUR_PHOTOMETRICS)):
+        if level.dtype != np.uint8:  # OpenSlide opens such a TIFF, then fails on every tile
+            return (f"unsupported sample type {level.dtype} ({samples} per pixel, photometric {photometric}); "
+                    "wsi-pipeline reads 8-bit RGB or grey slides")
         return None
     planes = ", ".join(f"{n} {_AXIS_NAMES.get(a, a)}" for a, n in zip(axes, shape, strict=True) if a not in "YX")
     return (f"not a brightfield RGB image: {planes} of {level.dtype} (axes {axes}, photometric {photometric}); "

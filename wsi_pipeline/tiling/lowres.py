@@ -71,7 +71,8 @@ def choose_seg_level(info: SlideInfo, seg_mpp: float) -> tuple[int, int]:
     else:
         level = int(np.argmax(mpps))
     factor = max(1, int(round(seg_mpp / mpps[level])))
-    return level, factor
+    # past the level's longer side every factor gives the same 1-px picture: no larger blocks
+    return level, min(factor, max(info.level_dimensions[level]))
 
 
 def check_seg_cost(info: SlideInfo, level: int, factor: int) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import TilingConfig, load_mpp_csv, load_slide_params
+from ..config import TilingConfig, check_mpp, load_mpp_csv, load_slide_params
 from ..errors import ConfigError, MissingMppError, SlideError
 from ..progress import NullProgress, Progress
 from ..runtime.executor import RuntimeConfig, WorkerSpec, absolute, make_executor
@@ -336,6 +336,10 @@ def resolve_mpp(info: SlideInfo, slide_id: str, config: TilingConfig, overrides:
         return info.with_mpp(mpp, "csv")
     if has_mpp:
         check_square_pixels(info)
+        try:
+            check_mpp("the file's mpp", info.mpp)
+        except ConfigError as e:
+            raise SlideError(f"{e}: a damaged header; give the slide's mpp with --mpp-csv") from None
         return info
     if config.default_mpp is not None:
         _logger.warning("%s: slide has no mpp; assuming --default-mpp %.4g µm/px (recorded as mpp_source=default)",
