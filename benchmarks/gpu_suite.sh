@@ -189,7 +189,7 @@ if [ "$MODE" = gpu ]; then
     B_MODELS=(convlm_vit_b16 conch_v1)
     B_ARGS=(--size 32768 32768 --mpp 0.5 --workers "$READERS" --batch-size 256)
     C_ARGS=(--n-files 300 --n-patches 4000 --shapes 768x512 --chunk 150)
-    D_ARGS=(--model convlm_vit_b16 --gpus-per-worker 1 --workers 4)
+    D_ARGS=(--model convlm_vit_b16 --gpus-per-worker 1 --workers 4 --random-init)
     mapfile -t E_WORKERS < <(printf '%s\n' 0 1 2 4 8 "$READERS" | sort -nu)
     E_ARGS=(--width 24000 --height 16000 --input-size 224)
 else  # tiny CPU stand-ins: the same scripts and parsing, small inputs
@@ -197,7 +197,7 @@ else  # tiny CPU stand-ins: the same scripts and parsing, small inputs
     B_MODELS=(convlm_test conch_test)
     B_ARGS=(--size 2048 2048 --mpp 0.5 --workers 1 --batch-size 16)
     C_ARGS=(--n-files 20 --n-patches 500 --shapes 768x512)
-    D_ARGS=(--model convlm_test --gpus-per-worker 0 --workers 0)
+    D_ARGS=(--model convlm_test --gpus-per-worker 0 --workers 0 --random-init)
     E_WORKERS=(0 1 2)
     E_ARGS=(--width 6000 --height 4000 --input-size 224)
 fi

@@ -26,7 +26,7 @@ from test_bad_input_suite import (
 )
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.errors import CorruptOutputError
+from wsi_pipeline.errors import ConfigError, CorruptOutputError
 from wsi_pipeline.store.coords import read_coords
 from wsi_pipeline.store.features import get_store
 from wsi_pipeline.store.status import StatusRow, append_status, latest_status, read_status
@@ -226,3 +226,26 @@ def test_a_segmentation_factor_past_the_level_is_one_block() -> None:
                      level_downsamples=(1.0, 4.0), mpp_x=0.25, mpp_y=0.25)
     assert choose_seg_level(info, 8.0) == (1, 8)
     assert choose_seg_level(info, 999.0) == (1, 750)  # not 999: a 750 px level is one block at most
+
+
+def test_a_model_without_weights_runs_only_when_asked(good, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`--model conch_v1` without `--weights` used to classify with random weights, exit 0."""
+    import logging
+
+    import torch
+
+    from wsi_pipeline.embed.stage import EmbedConfig, load_encoder
+
+    r = _run("classify", good.path, "--prompts", test_bad_input_suite.PROMPTS, "-o", tmp_path / "out",
+             "--model", "conch_v1", "--patch-size", "64", "--target-mpp", "1.0", "-q")
+    _assert_usage_error(r, "model conch_v1 has no weights here: pass --weights")
+    assert not (tmp_path / "out" / "features").exists()
+    with pytest.raises(ConfigError, match="or --random-init"):
+        load_encoder(EmbedConfig(model="convlm_vit_s16"), torch.device("meta"))
+    with caplog.at_level(logging.WARNING):
+        model = load_encoder(EmbedConfig(model="convlm_vit_s16", random_init=True), torch.device("meta"))
+    assert model.weights_sha256 is None and "runs with random weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_encoder(EmbedConfig(model="convlm_test"), torch.device("meta"))  # a test model needs no flag
+    assert "random weights" not in caplog.text

@@ -62,8 +62,8 @@ def test_classify_help_lists_every_option_once_under_its_stage() -> None:
     assert sections["Tiling"] == ["--backend", "--target-mpp", "--mag", "--patch-size", "--overlap", "--min-tissue",
                                   "--seg-level-mpp", "--threshold", "--min-tissue-area", "--min-hole-area",
                                   "--mpp-csv", "--default-mpp", "--max-upsample", "--slide-params"]
-    assert sections["Embedding"] == ["--model", "--weights", "--adapter", "--batch-size", "--workers", "--device",
-                                     "--precision", "--keep-rate", "--refine-layers", "--context", "--store",
+    assert sections["Embedding"] == ["--model", "--weights", "--random-init", "--adapter", "--batch-size",
+                                     "--workers", "--device", "--precision", "--keep-rate", "--refine-layers", "--context", "--store",
                                      "--slides", "--region-size"]
     assert sections["Runtime"] == ["--executor", "--ray-address", "--gpus-per-worker", "--shard", "--lock-timeout"]
     assert sections["Classification"] == ["--prompts", "--top-k", "--labels", "--prompt-sets", "--seed"]

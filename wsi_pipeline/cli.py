@@ -419,6 +419,9 @@ _EMBED_OPTIONS = [
     click.option("--weights", type=click.Path(exists=True),
                  help="Local weights (.safetensors, or a torch checkpoint read with weights_only=True; for hf_clip "
                       "the model folder) [the model's shipped weights, if any]."),
+    click.option("--random-init", is_flag=True,
+                 help="Run a model that has no weights here with a seeded random init (speed, plumbing): its "
+                      "features mean nothing. Test models (convlm_test, conch_test) need no flag."),
     click.option("--adapter", type=click.Path(dir_okay=False, exists=True),
                  help="Context adapter (adapter.safetensors from 'train --adapter-only') trained on these weights."),
     click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
@@ -470,7 +473,8 @@ def _embed_config(params: dict[str, Any], overwrite: bool = False) -> Any:
     layers = _block_indices(params.get("refine_layers"), "--refine-layers")
     context = params.get("context")
     return EmbedConfig(
-        model=params["model"], weights=params.get("weights"), batch_size=params["batch_size"],
+        model=params["model"], weights=params.get("weights"), random_init=bool(params.get("random_init")),
+        batch_size=params["batch_size"],
         workers=params["workers"], device=params["device"], precision=params["precision"],
         keep_rate=params.get("keep_rate"), refine_layers=layers,
         context=None if context in (None, "none") else _resolve("prompts", context, "--context"),

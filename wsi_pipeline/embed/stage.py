@@ -60,6 +60,7 @@ class EmbedConfig:
 
     model: str = "convlm_demo"
     weights: str | None = None
+    random_init: bool = False  # a model without weights runs only when asked (test models always may)
     batch_size: int = 64
     workers: int = 0
     device: str = "auto"
@@ -211,13 +212,20 @@ def load_encoder(cfg: EmbedConfig, device: torch.device) -> Any:
     """The model, in eval mode on ``device``, with ``cfg.weights`` or the shipped weights, and
     ``cfg.adapter`` attached (refused unless it was trained on exactly these weights).
 
-    A model without weights keeps its random init, seeded so that runs agree.
+    A model without weights (none given, none shipped) is refused unless ``cfg.random_init``
+    asks for it or it is a test model: then it keeps its random init, seeded so that runs agree.
     """
-    from ..model import create_model
+    from ..model import create_model, defined_by_weights, is_test_model
     from ..model.adapter import load_adapter
 
     weights = resolve_weights(cfg.model, cfg.weights)
     if weights is None:
+        if not (cfg.random_init or is_test_model(cfg.model) or defined_by_weights(cfg.model)):
+            raise ConfigError(f"model {cfg.model} has no weights here: pass --weights (its released checkpoint, "
+                              "see its card in models/), or --random-init for random weights (speed and plumbing "
+                              "only: the features mean nothing)")
+        if not is_test_model(cfg.model) and not defined_by_weights(cfg.model):
+            _logger.warning("%s runs with random weights (--random-init): its features mean nothing", cfg.model)
         torch.manual_seed(RANDOM_INIT_SEED)
     model = create_model(cfg.model, weights=weights, device=str(device), precision="fp32")
     if cfg.adapter is not None:

@@ -134,6 +134,20 @@ def _resolve(name: str) -> Builder:
     )
 
 
+#: Tiny models for tests and plumbing: a random init is what they are for, so they need no weights.
+TEST_MODELS = frozenset({"convlm_test", "conch_test"})
+
+
+def is_test_model(name: str) -> bool:
+    return name in TEST_MODELS
+
+
+def defined_by_weights(name: str) -> bool:
+    """Whether model ``name`` takes its architecture from its weights (``hf_clip``); an unknown
+    name raises :class:`ConfigError`, listing the known ones."""
+    return weights_defined(_resolve(name))
+
+
 def weights_defined(builder: Builder) -> bool:
     """Whether ``builder`` reads its architecture from the weights (takes a ``weights`` argument)."""
     return "weights" in inspect.signature(builder).parameters
@@ -192,4 +206,4 @@ def hf_clip(weights: str | os.PathLike[str]) -> ConVLM:
     return build_hf_clip(weights)
 
 
-__all__ = ["FAMILIES", "weights_defined", "PRECISIONS", "create_model", "list_models", "list_schemas", "register_model"]
+__all__ = ["FAMILIES", "TEST_MODELS", "defined_by_weights", "is_test_model", "weights_defined", "PRECISIONS", "create_model", "list_models", "list_schemas", "register_model"]
