@@ -94,6 +94,7 @@ def test_a_dot_slide_id_fails_in_one_line(good, baseline: Path, tmp_path: Path) 
     ("top_k: [5, 10]", "top_k: expected one value of type integer range, got list [5, 10]"),
     ("weights: 5", "weights: expected one value of type path, got int 5"),
     ("labels: {a: b}", "labels: expected one value of type file, got dict"),
+    ("patch_size: 128.7", "patch_size: expected an integer, got 128.7"),  # the flag refuses it; so does the file
 ])
 def test_run_config_values_of_the_wrong_type_are_usage_errors(good, tmp_path: Path, line: str,
                                                               fragment: str) -> None:
@@ -160,6 +161,7 @@ def test_classify_without_inputs_records_the_tiling_it_scored(baseline: Path, tm
     r = _run("classify", "--prompts", test_bad_input_suite.PROMPTS, "-o", out, "--model", "convlm_test",
              "--workers", "0", "--patch-size", "224", "--target-mpp", "0.25", "-q")
     assert r.exit_code == 0, r.output
+    assert "WARNING: --target-mpp, --patch-size not used: without INPUTS nothing is tiled" in r.stderr
     run = json.loads((out / "predictions" / "demo.json").read_text())["provenance"]
     assert (run["tiling"]["patch_size"], run["tiling"]["target_mpp"]) == (64, 1.0)
     config = yaml.safe_load((out / "run_config.yaml").read_text())
@@ -249,3 +251,13 @@ def test_a_model_without_weights_runs_only_when_asked(good, tmp_path: Path, capl
     with caplog.at_level(logging.WARNING):
         load_encoder(EmbedConfig(model="convlm_test"), torch.device("meta"))  # a test model needs no flag
     assert "random weights" not in caplog.text
+
+
+def test_a_run_config_may_give_one_input_without_a_list(good, baseline: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"inputs: {good.path}\n")
+    out = tmp_path / "out"
+    r = _run("classify", "--config", cfg, "--prompts", test_bad_input_suite.PROMPTS, "-o", out,
+             *test_bad_input_suite.FAST)
+    assert r.exit_code == 0, r.output
+    _assert_good_intact(out, baseline)

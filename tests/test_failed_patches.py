@@ -142,6 +142,7 @@ def test_above_one_percent_the_slide_fails_in_one_line(damaged: Damaged, tmp_pat
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR")]
     assert errors == [f"ERROR: {SID}: {int(damaged.failed.sum())} of {len(damaged.coords)} patches unreadable "
                       "(> 1%); the slide file is damaged"], r.stderr
+    assert not [ln for ln in r.stderr.splitlines() if ln.startswith("WARNING")], r.stderr  # no line per patch
     assert not list((out / "features").rglob(f"{SID}.h5"))
 
 

@@ -246,15 +246,20 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     extra: dict[str, Any] = {}
     for key, v in values.items():
         if key in params:
+            param = params[key]
+            if isinstance(v, str) and (param.multiple or param.nargs == -1):
+                v = [v]  # `inputs: slides/`, one item without list brackets
+            if isinstance(param.type, click.types.IntParamType) and isinstance(v, float) and not v.is_integer():
+                raise click.UsageError(f"config {path}: {key}: expected an integer, got {v!r}")
             try:
-                params[key].type_cast_value(ctx, v)
+                param.type_cast_value(ctx, v)
             except click.BadParameter as e:
                 raise click.UsageError(f"config {path}: {key}: {e.message}") from None
             except (TypeError, ValueError):  # a YAML list or mapping where one value belongs
-                want = "a list" if params[key].multiple or params[key].nargs != 1 else "one value"
-                raise click.UsageError(f"config {path}: {key}: expected {want} of type {params[key].type.name}, "
+                want = "a list" if param.multiple or param.nargs != 1 else "one value"
+                raise click.UsageError(f"config {path}: {key}: expected {want} of type {param.type.name}, "
                                        f"got {type(v).__name__} {v!r}") from None
-            defaults[str(params[key].name)] = v
+            defaults[str(param.name)] = v
         elif key in _tiling_fields() and "target_mpp" in params:
             extra[key] = v
     try:
@@ -612,6 +617,12 @@ def classify(ctx: click.Context, inputs: tuple[str, ...], prompts_path: str, out
         embed = _embed_config(params)
         runtime = _runtime_config(params)
         items = _input_items(inputs, list_file) or None  # expanded once, by classify_slides
+        typed = [f"--{n.replace('_', '-')}" for n in _TILING_PARAMS
+                 if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+        if items is None and typed:
+            logging.getLogger("wsi_pipeline.cli").warning(
+                "%s not used: without INPUTS nothing is tiled; the slides in %s are scored as they were tiled",
+                ", ".join(typed), out_dir)
         summary = classify_slides(items, out_dir, prompts, tiling=tiling, embed=embed, top_k=top_k,
                                   labels=labels, prompt_sets=prompt_sets, seed=seed, visuals=not no_visuals,
                                   progress=None if quiet else _TqdmProgress("classify", unit="patch"),
@@ -678,7 +689,8 @@ def export(ctx: click.Context, out_dir: str, to: str, dest: str, model_id: str |
     click.option("--model", default="convlm_demo", show_default=True,
                  help="Registered model or open_clip:<arch> to train (conch_v1, hf_clip: --adapter-only)."),
     click.option("--weights", type=click.Path(exists=True),
-                 help="Initial weights (fine-tuning), or the frozen base of --adapter-only [shipped weights, if any]."),
+                 help="Initial weights (fine-tuning; full training without it starts from a random init), or the "
+                      "frozen base of --adapter-only [there: the shipped weights, if any]."),
     click.option("--adapter-only", is_flag=True,
                  help="Freeze the whole model; train only a context adapter (writes adapter.safetensors)."),
     click.option("--adapter-layers", default=None, help="Guided blocks of the adapter, 0-based [the refining blocks]."),

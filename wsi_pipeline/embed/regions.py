@@ -127,7 +127,7 @@ def read_region_patches(
             out[j] = pixels[oy : oy + p, ox : ox + p]
         return out, failed
     except SlideReadError as e:
-        _logger.warning("%s; reading the %d patches of this region one by one", e, k)
+        _logger.debug("%s; reading the %d patches of this region one by one", e, k)  # embed warns once per slide
     for j, idx in enumerate(region.indices):
         x, y = coords[idx]
         ox, oy = region.offsets[j]  # the same level pixels as the region read, not the raw coords
@@ -136,5 +136,5 @@ def read_region_patches(
             out[j] = slide.read_region(at, plan.level, (p, p))
         except SlideReadError as e:
             failed[j] = True
-            _logger.warning("patch at (%d, %d) unreadable, left out: %s", x, y, e)
+            _logger.debug("patch at (%d, %d) unreadable, left out: %s", x, y, e)
     return out, failed

@@ -14,8 +14,9 @@ text towers that use open_clip's own BPE tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -175,9 +176,28 @@ def build_open_clip(arch: str) -> OpenClipConVLM:
     if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
         raise ConfigError(f"open_clip:{arch} needs a HuggingFace text tower/tokenizer; not supported offline")
     device = torch.empty(()).device  # the default device: "meta" inside create_model(..., device="meta")
-    clip = open_clip.create_model(arch, pretrained=None, device=device, precision="fp32")
+    with _without_random_init_warning():  # the weights are loaded after building, from --weights
+        clip = open_clip.create_model(arch, pretrained=None, device=device, precision="fp32")
     _logger.debug("built open_clip %s", arch)
     return OpenClipConVLM(arch, clip, model_cfg)
+
+
+class _RandomInitWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded … initialized randomly" (logged on the root
+    logger): every build here is weightless by design, and ``--weights`` is loaded afterwards."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    root, drop = logging.getLogger(), _RandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 __all__ = ["OpenClipBlockOps", "OpenClipConVLM", "build_open_clip", "check_supported"]

@@ -182,7 +182,8 @@ class Slide:
         except Exception as first:
             if not _is_file_error(self._spec, first):
                 raise  # a bug or a changed library API: not the file's fault
-            _logger.warning("%s: read error at %s level %d (%s); reopening once", self.path, location, level, first)
+            # debug: a damaged slide gives one such line per bad read; its stage reports the outcome once
+            _logger.debug("%s: read error at %s level %d (%s); reopening once", self.path, location, level, first)
         try:
             self.reopen()
             return self._get_handle().read_region(location, level, size)
