@@ -378,7 +378,8 @@ def test_huge_or_foreign_prompt_file_is_refused_at_once(good: FixtureSlide, tmp_
     assert big.stat().st_size > 10 * 2**20
     small = tmp_path / "small.geojson"
     small.write_text(json.dumps({"type": "FeatureCollection", "features": [feature] * 200}))
-    for path, fragment in ((big, "MiB is too large for a prompt file"), (small, "GeoJSON (FeatureCollection)")):
+    for path, fragment in ((big, "bytes is too large for a prompt file (at most 1,048,576 bytes"),
+                           (small, "GeoJSON (FeatureCollection)")):
         t0 = time.perf_counter()
         r = _run("classify", good.path, "--prompts", path, "-o", tmp_path / "out", *FAST)
         assert time.perf_counter() - t0 < 5

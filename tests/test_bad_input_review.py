@@ -261,3 +261,16 @@ def test_a_run_config_may_give_one_input_without_a_list(good, baseline: Path, tm
              *test_bad_input_suite.FAST)
     assert r.exit_code == 0, r.output
     _assert_good_intact(out, baseline)
+
+
+def test_classify_of_an_empty_folder_writes_nothing(tmp_path: Path) -> None:
+    r = _run("classify", "--prompts", test_bad_input_suite.PROMPTS, "-o", tmp_path / "new", "--model", "convlm_test")
+    _assert_usage_error(r, "holds no coords files; give slide paths so they are tiled first")
+    assert not (tmp_path / "new").exists()
+
+
+def test_train_without_a_validation_set_says_so() -> None:
+    from wsi_pipeline.cli import _val_line
+
+    assert _val_line(float("nan")) == _val_line(None) == "no validation set"
+    assert _val_line(0.25) == "val balanced accuracy 0.250"

@@ -440,7 +440,8 @@ _EMBED_OPTIONS = [
     click.option("--refine-layers", "--prune-layers", "refine_layers", cls=OldNamesOption, old_names=("--prune-layers",),
                  default=None, help="Refining blocks, 0-based, e.g. 3,6,9 [model default]."),
     click.option("--context", "context", default=None,
-                 help="Prompt file (or shipped name) whose classes give the context vector, or 'none'."),
+                 help="Prompt file (or shipped name) that gives the context vector (its 'context:' sentence, "
+                      "else its classes), or 'none'."),
     click.option("--store", type=click.Choice(_store_names()), default="h5", show_default=True),
     click.option("--slides", "slides_dir", type=click.Path(file_okay=False, exists=True),
                  help="Folder holding the slides, when they moved since tiling."),
@@ -741,8 +742,13 @@ def train(ctx: click.Context, data: str, prompts_path: str, out_dir: str, verbos
         _die(str(e))
     final = result.final
     click.echo(f"train: {len(result.history)} epochs in {result.seconds:.0f} s; "
-               f"val balanced accuracy {final.get('val_bacc', float('nan')):.3f}; "
+               f"{_val_line(final.get('val_bacc'))}; "
                f"weights {result.weights} (sha256 {result.sha256[:12]})")
+
+
+def _val_line(bacc: float | None) -> str:
+    """The validation part of train's last line (``--val-fraction 0``: no validation set, not nan)."""
+    return "no validation set" if bacc is None or bacc != bacc else f"val balanced accuracy {bacc:.3f}"
 
 
 @main.command()

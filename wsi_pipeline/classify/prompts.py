@@ -193,8 +193,8 @@ def load_prompt_sets(path: str | os.PathLike[str]) -> list[PromptSet]:
     try:
         size = path.stat().st_size
         if size > MAX_PROMPT_FILE_BYTES:
-            raise PromptFileError(f"{path}: {size / 2**20:.1f} MiB is too large for a prompt file (at most "
-                                  f"{MAX_PROMPT_FILE_BYTES // 2**20} MiB of classes and templates); is it the right file?")
+            raise PromptFileError(f"{path}: {size:,} bytes is too large for a prompt file (at most "
+                                  f"{MAX_PROMPT_FILE_BYTES:,} bytes of classes and templates); is it the right file?")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
         raise PromptFileError(f"{path}: prompt file not found; check the path") from e

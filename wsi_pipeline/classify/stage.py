@@ -169,13 +169,13 @@ def classify_slides(
     label_map = load_labels(labels, prompts.class_names) if labels is not None else None
     if prompt_sets and label_map is None:
         raise ConfigError("--prompt-sets needs --labels: robustness is the balanced accuracy of each prompt set")
+    if inputs is None and not find_coords_files(out_dir):  # before the folder is made: nothing written
+        raise ConfigError(f"{Path(out_dir) / 'coords'} holds no coords files; give slide paths so they are tiled first")
     out = ensure_writable_dir(out_dir)
     paths: list[Path] | None = None
     tile_failed: dict[str, str] = {}
     if inputs is None:
         coords_files = find_coords_files(out)
-        if not coords_files:
-            raise ConfigError(f"{out / 'coords'} holds no coords files; give slide paths so they are tiled first")
         tiling_used = _tiling_of(coords_files, tiling)
         # slides whose tiling failed have no coords file, but stay in the run as failed rows
         tile_failed = {sid: f"tile: {row['reason']}" for sid, row in latest_status(out, "tile").items()
@@ -235,7 +235,7 @@ def classify_slides(
         model_prov = provenance["model"]
         info = {"prompts": f"{prompts.name} (sha256 {prompts.sha256[:12]})", "classes": ", ".join(prompts.class_names),
                 "top-K": ks[0], "model": model_id or embed.model,
-                "weights sha256": (model_prov.get("weights_sha256") or "none (random init)")[:16],
+                "weights sha256": (model_prov.get("weights_sha256") or "")[:16] or "none (random init)",
                 "tiling": (f"{tiling_used.patch_size} px at {tiling_used.target_mpp:g} µm/px" if tiling_used
                            else "several settings (see each slide's provenance)"),
                 "wsi-pipeline": provenance["wsi_pipeline_version"], "created": provenance["created"]}

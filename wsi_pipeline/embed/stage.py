@@ -193,14 +193,23 @@ def check_slide_unchanged(attrs: dict[str, Any], slides_dir: str | None) -> None
                          "re-run tile (or classify) on it")
 
 
-def resolve_weights(model_name: str, weights: str | None) -> str | None:
-    """``weights`` if given, else the weights shipped for ``model_name`` (``models/``), else ``None``."""
-    from ..model import shipped_notice, shipped_weights
+def resolve_weights(model_name: str, weights: str | None, *, random_init: bool = False) -> str | None:
+    """``weights`` if given, else the weights shipped for ``model_name`` (``models/``), else ``None``
+    (a random init): refused with :class:`ConfigError` unless ``random_init`` asks for it or the
+    model is a test model (or takes its architecture from its weights, which then say so)."""
+    from ..model import defined_by_weights, is_test_model, shipped_notice, shipped_weights
 
     if weights is not None:
         return weights
     shipped = shipped_weights(model_name)
     if shipped is None:
+        if is_test_model(model_name) or defined_by_weights(model_name):
+            return None
+        if not random_init:
+            raise ConfigError(f"model {model_name} has no weights here: pass --weights (its released checkpoint, "
+                              "see its card in models/), or --random-init for random weights (speed and plumbing "
+                              "only: the features mean nothing)")
+        _logger.warning("%s runs with random weights (--random-init): its features mean nothing", model_name)
         return None
     notice = shipped_notice(model_name)
     if notice:
@@ -212,20 +221,14 @@ def load_encoder(cfg: EmbedConfig, device: torch.device) -> Any:
     """The model, in eval mode on ``device``, with ``cfg.weights`` or the shipped weights, and
     ``cfg.adapter`` attached (refused unless it was trained on exactly these weights).
 
-    A model without weights (none given, none shipped) is refused unless ``cfg.random_init``
-    asks for it or it is a test model: then it keeps its random init, seeded so that runs agree.
+    A model without weights (none given, none shipped; see :func:`resolve_weights`) keeps its
+    random init, seeded so that runs agree.
     """
-    from ..model import create_model, defined_by_weights, is_test_model
+    from ..model import create_model
     from ..model.adapter import load_adapter
 
-    weights = resolve_weights(cfg.model, cfg.weights)
+    weights = resolve_weights(cfg.model, cfg.weights, random_init=cfg.random_init)
     if weights is None:
-        if not (cfg.random_init or is_test_model(cfg.model) or defined_by_weights(cfg.model)):
-            raise ConfigError(f"model {cfg.model} has no weights here: pass --weights (its released checkpoint, "
-                              "see its card in models/), or --random-init for random weights (speed and plumbing "
-                              "only: the features mean nothing)")
-        if not is_test_model(cfg.model) and not defined_by_weights(cfg.model):
-            _logger.warning("%s runs with random weights (--random-init): its features mean nothing", cfg.model)
         torch.manual_seed(RANDOM_INIT_SEED)
     model = create_model(cfg.model, weights=weights, device=str(device), precision="fp32")
     if cfg.adapter is not None:

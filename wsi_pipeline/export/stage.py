@@ -101,7 +101,7 @@ def export_outputs(out_dir: str | os.PathLike[str], to: str, dest: str | os.Path
     summary = ExportSummary(to, target, feature_set.model_id if feature_set else None)
     if feature_set is None:
         summary.notice = f"{Path(out_dir) / 'features'} holds no features: exporting patch coordinates only"
-        _logger.info(summary.notice)
+        _logger.debug(summary.notice)  # the CLI prints it as a note
     for path in files:
         sid = path.stem
         try:

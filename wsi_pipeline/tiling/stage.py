@@ -289,7 +289,7 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
                 _logger.info("%s: existing outputs are redone (%s)", sid, valid)
         if upsample > 1.0 + UPSAMPLE_TOLERANCE:
             _logger.warning("%s: target %.3g µm/px is finer than the scan (%.3g µm/px): patches are upsampled "
-                            "%.2gx (set max_upsample to refuse that)", sid, config.target_mpp, info.mpp, upsample)
+                            "%.2gx (--max-upsample refuses that)", sid, config.target_mpp, info.mpp, upsample)
         level, factor = choose_seg_level(info, config.seg_level_mpp)
         check_seg_cost(info, level, factor)
         low = read_lowres(slide, info, level, factor)
@@ -342,8 +342,12 @@ def resolve_mpp(info: SlideInfo, slide_id: str, config: TilingConfig, overrides:
             raise SlideError(f"{e}: a damaged header; give the slide's mpp with --mpp-csv") from None
         return info
     if config.default_mpp is not None:
-        _logger.warning("%s: slide has no mpp; assuming --default-mpp %.4g µm/px (recorded as mpp_source=default)",
-                        slide_id, config.default_mpp)
+        if config.pad_small_images:  # an ROI image (classify): expected to carry no mpp, so no warning each
+            _logger.info("%s: ROI image without mpp; taken to be at %.4g µm/px (--default-mpp, else the target)",
+                         slide_id, config.default_mpp)
+        else:
+            _logger.warning("%s: slide has no mpp; assuming --default-mpp %.4g µm/px (recorded as "
+                            "mpp_source=default)", slide_id, config.default_mpp)
         return info.with_mpp(config.default_mpp, "default")
     raise MissingMppError(
         f"slide has no physical resolution (mpp); give --mpp-csv (slide,mpp) or --default-mpp"

@@ -181,7 +181,8 @@ def train_model(cfg: TrainConfig, progress: TrainProgress | None = None) -> Trai
             model.requires_grad_(False)
             new_adapter(model, cfg.adapter_layers, cfg.adapter_hidden, cfg.adapter_alpha)
             _logger.info("adapter training on frozen %s (weights %s): blocks %s", model.name,
-                         (model.weights_sha256 or "random init")[:12], sorted(model._context_mlps()))
+                         (model.weights_sha256 or "random init")[:12],
+                         ", ".join(map(str, sorted(int(k) for k in model._context_mlps()))))
         else:
             model = create_model(cfg.model, weights=cfg.weights)
             if not getattr(model, "full_training", True):
