@@ -274,3 +274,23 @@ def test_train_without_a_validation_set_says_so() -> None:
 
     assert _val_line(float("nan")) == _val_line(None) == "no validation set"
     assert _val_line(0.25) == "val balanced accuracy 0.250"
+
+
+def test_a_grey_scan_says_why_no_tissue_is_found(good, baseline: Path, tmp_path: Path) -> None:
+    """A greyscale TIFF is read (grey slides are allowed) but segmentation, which looks for colour,
+    finds nothing: the reason says so, in status.csv and in the predictions."""
+    import numpy as np
+    import tifffile
+
+    grey = np.full((1024, 1536), 235, np.uint8)
+    grey[300:700, 400:1100] = 120  # dark "tissue", but no colour
+    path = tmp_path / "in" / "grey.tif"
+    path.parent.mkdir()
+    tifffile.imwrite(path, grey, tile=(256, 256), resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    out = tmp_path / "out"
+    r = _classify([good.path, path], out)
+    assert r.exit_code == 0, r.output
+    hint = "no tissue found (the image is grey: tissue is found by its colour, so grey has none)"
+    assert latest_status(out, "tile")["grey"]["reason"] == hint
+    assert _predictions(out)["grey"]["reason"] == f"no patches: {hint}"
+    _assert_good_intact(out, baseline)

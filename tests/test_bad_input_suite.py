@@ -146,6 +146,7 @@ def test_blank_glass(good: FixtureSlide, baseline: Path, tmp_path: Path) -> None
     assert latest_status(out, "embed")["blank"]["status"] == "ok"
     pred = _predictions(out)["blank"]
     assert pred["status"] == "no_tissue" and pred["predicted"] == "" and pred["n_patches"] == "0"
+    assert pred["reason"] == "no patches: no tissue found"  # the tile stage's reason, carried over
     _assert_good_intact(out, baseline)
 
 

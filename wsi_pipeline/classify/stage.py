@@ -36,11 +36,11 @@ from ..runtime.executor import Executor, RuntimeConfig, make_executor
 from ..runtime.locks import LOCKED_REASON_PREFIX
 from ..store.atomic import atomic_write_text, ensure_writable_dir
 from ..store.features import SlideFeatures
-from ..store.status import latest_status
+from ..store.status import latest_status, read_status
 from .inputs import collect_inputs, is_roi_image, roi_tiling_config
 from .metrics import check_label_slides, compute_metrics, format_metrics, load_labels, prompt_set_robustness
 from .outputs import SlidePrediction, format_table, write_predictions
-from .pooling import DEFAULT_TOP_K, SlideScores, validate_ks
+from .pooling import DEFAULT_TOP_K, STATUS_NO_TISSUE, SlideScores, validate_ks
 from .prompts import PromptSet, load_prompts, sample_prompt_sets
 from .scoring import STAGE, OnScored, score_features
 
@@ -211,8 +211,13 @@ def classify_slides(
         store=embed.store, failed=failed, on_scored=on_scored, progress=progress, status_dir=out,
     )
     timings.update(score_timings)
+    tiled = {row["slide_id"]: row["reason"] for row in read_status(out)
+             if row["stage"] == "tile" and row["status"] == "ok"}
     for r in rows:
         r.label = label_map.get(r.slide_id) if label_map else None
+        why = tiled.get(r.slide_id) if r.status == STATUS_NO_TISSUE else None
+        if why:  # why the last tiling found none: "no tissue found", "image is 80x60 px, smaller than …"
+            r.reason = f"no patches: {why}"
     provenance = _provenance(prompts, prompts_path, ks, embed, model, model_id, tiling_used, labels, prompt_sets,
                              seed)
     t0 = time.perf_counter()

@@ -7,7 +7,14 @@
 """
 
 from .convlm import ConVLM, RefineAux
-from .registry import create_model, defined_by_weights, is_test_model, list_models, list_schemas, register_model
+from .registry import (
+    create_model,
+    defined_by_weights,
+    is_test_model,
+    list_models,
+    list_schemas,
+    register_model,
+)
 from .shipped import shipped_notice, shipped_weights
 from .weights import load_weights, save_weights
 

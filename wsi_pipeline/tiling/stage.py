@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import __version__
 from ..config import TilingConfig, check_mpp, load_mpp_csv, load_slide_params
 from ..errors import ConfigError, MissingMppError, SlideError
@@ -318,10 +320,21 @@ def _tile(path: str, out: Path, config: TilingConfig, sid: str, overwrite: bool,
                       f"{config.target_mpp:g} µm/px ({spec.patch_size_level0} px here); lower --patch-size")
         else:
             reason = "no tissue found" if not tissue.mask.any() else "no patch reaches min_tissue"
+            if not tissue.mask.any() and _grey_with_content(low.rgb):
+                reason += " (the image is grey: tissue is found by its colour, so grey has none)"
         _logger.warning("%s: %s; empty coords written", sid, reason)
     else:
         _logger.info("%s: %d patches of %d px at %.3g µm/px", sid, len(coords), config.patch_size, config.target_mpp)
     return TileResult(sid, path, "ok", reason, len(coords), 0.0, str(paths.coords))
+
+
+def _grey_with_content(rgb: np.ndarray) -> bool:
+    """A grey picture (R = G = B everywhere) with something darker than glass on 1 % of it: a
+    greyscale scan, whose tissue segmentation cannot see (blank glass stays plain "no tissue")."""
+    if rgb.ndim != 3 or rgb.shape[2] < 3 or not rgb.size:
+        return False
+    grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    return grey and float((rgb[..., 0] < 200).mean()) > 0.01
 
 
 def resolve_mpp(info: SlideInfo, slide_id: str, config: TilingConfig, overrides: Mapping[str, float]) -> SlideInfo:
