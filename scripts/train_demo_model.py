@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ROI_SEED = 0
 ROIS_PER_CLASS = 1000
-SLIDE_SEED = 10_000
+SLIDE_SEED = 10_000  # wsi_pipeline.demo.TRAIN_SLIDE_SEEDS: the demo refuses these seeds
 SLIDES_PER_CLASS = 10
 THREADS = 2
 TRAIN_OPTIONS: dict[str, object] = dict(

@@ -173,3 +173,23 @@ def test_card_cli_command_matches_the_training_script() -> None:
                       threads=int(flags.pop("threads")), save_precision=flags.pop("save-precision"))
     assert not flags, flags
     assert cli == TrainConfig("d", "p", "o", **script.TRAIN_OPTIONS)
+
+
+def test_demo_refuses_the_training_slide_seeds(tmp_path: Path) -> None:
+    """Seeds 9,998 – 10,003 (2 per class) include training slides 10,000 – 10,003: not held out."""
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from wsi_pipeline.cli import main
+    from wsi_pipeline.demo import TRAIN_SLIDE_SEEDS
+
+    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    trained = range(script.SLIDE_SEED, script.SLIDE_SEED + 3 * script.SLIDES_PER_CLASS)  # 3 tumour classes
+    assert TRAIN_SLIDE_SEEDS == trained
+    result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "d"), "--seed", "9998"])
+    assert result.exit_code == 2, result.output
+    assert "slide seeds 10000–10003 were training slides of the shipped convlm_demo" in result.stderr
+    assert not (tmp_path / "d").exists()

@@ -402,3 +402,36 @@ def test_classify_cli_matches_transformers_recipe(gelu_dir, hf_tokenizer, tmp_pa
         np.testing.assert_allclose([float(row[f"score_{c}"]) for c in classes], scores, atol=FP16_COS)
         scale = float(ref.logit_scale.detach().exp())
         np.testing.assert_allclose([float(row[f"prob_{c}"]) for c in classes], probs, atol=scale * FP16_COS / 2)
+
+
+def test_a_changed_config_or_tokenizer_is_never_served_from_old_outputs(gelu_dir, tmp_path):
+    """Editing config.json (the activation) in place gives another feature model_id and another
+    text-cache entry; editing a tokenizer file gives another text-cache entry (the weights file,
+    and so its sha256, stays the same in both cases)."""
+    from wsi_pipeline.classify.prompts import load_prompts
+    from wsi_pipeline.classify.textclassifier import build_text_classifier, cache_path
+    from wsi_pipeline.embed.stage import EmbedConfig, load_encoder, make_model_id
+
+    folder = tmp_path / "plip"
+    shutil.copytree(gelu_dir, folder)
+    prompts = load_prompts(Path(__file__).resolve().parents[1] / "configs" / "prompts" / "demo.yaml")
+    cache = tmp_path / "cache"
+
+    def state():
+        model = load_encoder(EmbedConfig(model="hf_clip", weights=str(folder)), torch.device("cpu"))
+        text = build_text_classifier(model, prompts, cache_dir=cache)
+        fresh = build_text_classifier(model, prompts)  # no cache
+        torch.testing.assert_close(text, fresh, rtol=0, atol=0)  # never an old matrix
+        mid = make_model_id("hf_clip", model.weights_sha256, 1.0, (), None, None, model.definition_sha256("image"))
+        return mid, cache_path(model, prompts, cache), model.weights_sha256
+
+    first = state()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["text_config"]["hidden_act"] = cfg["vision_config"]["hidden_act"] = "quick_gelu"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    second = state()
+    assert second[2] == first[2] and second[0] != first[0] and second[1] != first[1]
+    tok = folder / "tokenizer_config.json"
+    tok.write_text(tok.read_text().rstrip()[:-1] + ', "comment": "edited"}')
+    third = state()
+    assert third[0] == second[0] and third[1] != second[1]

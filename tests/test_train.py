@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,33 @@ def test_stratified_split_is_per_class_and_deterministic() -> None:
     tr2, va2 = stratified_split(y, 0.2, seed=5)
     assert np.array_equal(va, va2) and np.array_equal(tr, tr2)
     assert len(stratified_split(y, 0.0, seed=5)[1]) == 0
+
+
+def test_a_slide_column_keeps_each_slide_on_one_side(rois: Path, tmp_path: Path) -> None:
+    """Patches of one slide never land in both training and validation."""
+    rng = np.random.default_rng(0)
+    slides = [f"s{i // 7}" for i in range(70)]  # 10 slides of 7 patches, mixed classes
+    y = rng.integers(0, 3, size=70).tolist()
+    for seed in range(5):
+        tr, va = stratified_split(y, 0.2, seed=seed, slides=slides)
+        assert sorted(np.concatenate([tr, va]).tolist()) == list(range(70))
+        g = np.asarray(slides)
+        assert not set(g[tr]) & set(g[va]) and 0 < len(va) <= 14
+        assert set(np.asarray(y)[tr]) == {0, 1, 2}  # every class keeps training images
+    assert np.array_equal(stratified_split(y, 0.2, 3, slides)[1], stratified_split(y, 0.2, 3, slides)[1])
+    # the CSV column: read, and every row must have one
+    rows = (rois / "labels.csv").read_text().splitlines()
+    with_slides = tmp_path / "with_slides.csv"
+    with_slides.write_text("\n".join([rows[0] + ",slide", *(f"{r},{i % 4}" for i, r in enumerate(rows[1:]))]) + "\n")
+    for p in load_roi_table(rois / "labels.csv").paths:
+        (tmp_path / p.parent.name).mkdir(exist_ok=True)
+        shutil.copy(p, tmp_path / p.parent.name / p.name)
+    table = load_roi_table(with_slides)
+    assert table.slides == tuple(str(i % 4) for i in range(len(rows) - 1))
+    assert load_roi_table(rois / "labels.csv").slides is None
+    with_slides.write_text(with_slides.read_text().replace(",1\n", ",\n", 1))
+    with pytest.raises(ConfigError, match="empty slide"):
+        load_roi_table(with_slides)
 
 
 def test_balanced_sampler_equalises_classes() -> None:

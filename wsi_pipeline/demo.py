@@ -11,7 +11,9 @@ templates the demo model never saw, and the shipped demo model ``convlm_demo`` (
 Seed ranges (documented in ``models/convlm_demo.md``):
 
 * ``0`` — the training ROIs of the shipped model (``write_roi_dataset(seed=0)``; each ROI's
-  generator is keyed by ``(0, class, index)``);
+  generator is keyed by ``(0, class, index)``, so no slide seed repeats them);
+* ``10_000`` – ``10_029`` — the training slides of the shipped model (:data:`TRAIN_SLIDE_SEEDS`);
+  a demo whose slide seeds overlap them is refused with the shipped weights (not held out);
 * ``1_000_000 +`` — demo slides (:data:`DEMO_SEED`);
 * ``2_000_000 +`` — test slides and ``3_000_000`` test ROIs (``tests/test_demo_model.py``).
 """
@@ -34,6 +36,8 @@ DEMO_SEED = 1_000_000
 TEST_SLIDE_SEED = 2_000_000
 TEST_ROI_SEED = 3_000_000
 TRAIN_ROI_SEED = 0
+#: Slide seeds the shipped demo model was trained on (scripts/train_demo_model.py: 10 per class).
+TRAIN_SLIDE_SEEDS = range(10_000, 10_030)
 #: Demo slide size (width, height) at 0.5 µm/px: ~1.5 × 1.2 mm, about 60-80 tissue patches of 256 px.
 DEMO_SLIDE_SIZE = (3072, 2304)
 DEMO_MODEL = "convlm_demo"
@@ -150,9 +154,13 @@ def run_demo(
     t0 = time.perf_counter()
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
-    if seed == TRAIN_ROI_SEED:
-        _logger.warning("seed %d is the training ROI seed; demo slides are still new images, but use %d+",
-                        seed, DEMO_SEED)
+    overlap = set(range(seed, seed + 3 * n_per_class)) & set(TRAIN_SLIDE_SEEDS)
+    if overlap:
+        what = (f"slide seeds {min(overlap)}–{max(overlap)} were training slides of the shipped {model} "
+                f"(seeds {TRAIN_SLIDE_SEEDS.start:,}–{TRAIN_SLIDE_SEEDS.stop - 1:,}), so they are not held out")
+        if weights is None:
+            raise ConfigError(f"--seed {seed}: {what}; pick another --seed (default {DEMO_SEED:,})")
+        _logger.warning("%s (if these weights were trained the same way)", what)
     if weights is None:
         found = shipped_weights(model)
         if found is None:
@@ -197,4 +205,4 @@ def _sha_of(path: Path) -> str:
 
 
 __all__ = ["DEMO_MODEL", "DEMO_SEED", "DEMO_SLIDE_SIZE", "TEST_ROI_SEED", "TEST_SLIDE_SEED", "TRAIN_ROI_SEED",
-           "DemoResult", "demo_prompts_path", "run_demo"]
+           "TRAIN_SLIDE_SEEDS", "DemoResult", "demo_prompts_path", "run_demo"]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import __version__
 from ..errors import CheckpointError, ConfigError
 from ..store.atomic import atomic_path
 from .prompts import PromptSet
@@ -89,12 +90,22 @@ def build_text_classifier(
 def cache_path(
     model: TextModel, prompts: PromptSet, cache_dir: str | os.PathLike[str]
 ) -> Path | None:
-    """Cache file for (model, weights, prompts), or ``None`` when the model has no weights hash."""
+    """Cache file for (model, weights, text definition, prompts), or ``None`` when the model has
+    no weights hash. The text definition is what a released folder's tokenizer and config files
+    say (:func:`_text_definition`): a changed tokenizer gets its own file, never the old matrix."""
     sha = getattr(model, "weights_sha256", None)
     if not sha:
         return None
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(model.name)).strip("-") or "model"
-    return Path(cache_dir) / f"textclf_{slug}_{sha[:16]}_{prompts.sha256[:16]}.safetensors"
+    definition = _text_definition(model)
+    tag = f"_d{definition[:8]}" if definition else ""
+    return Path(cache_dir) / f"textclf_{slug}_{sha[:16]}{tag}_{prompts.sha256[:16]}.safetensors"
+
+
+def _text_definition(model: TextModel) -> str:
+    """sha256 of the files besides the weights that define the model's text side, or ``""``."""
+    digest = getattr(model, "definition_sha256", None)
+    return (digest("text") or "") if callable(digest) else ""
 
 
 def _encode_classes(model: TextModel, prompts: PromptSet, batch_size: int) -> torch.Tensor:
@@ -135,6 +146,8 @@ def _metadata(model: TextModel, prompts: PromptSet) -> dict[str, str]:
         "format": CACHE_FORMAT,
         "model": str(model.name),
         "weights_sha256": str(model.weights_sha256),
+        "text_definition_sha256": _text_definition(model),
+        "wsi_pipeline_version": __version__,  # tokenisation or encode_text may change between versions
         "prompts_sha256": prompts.sha256,
         "classes": json.dumps(list(prompts.class_names)),
     }

@@ -142,12 +142,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def make_model_id(
     name: str, weights_sha256: str | None, keep_rate: float, refine_layers: Sequence[int], context_hash: str | None,
-    adapter_sha256: str | None = None,
+    adapter_sha256: str | None = None, definition_sha256: str | None = None,
 ) -> str:
-    """A folder-safe id that differs whenever the features would differ."""
+    """A folder-safe id that differs whenever the features would differ (``definition_sha256``:
+    a released folder's config files, for models that read their architecture from them)."""
     base = name.replace(":", "-").replace("/", "-")
     if weights_sha256:
         base += f"-w{weights_sha256[:8]}"
+    if definition_sha256:
+        base += f"-d{definition_sha256[:8]}"
     if adapter_sha256:
         base += f"-a{adapter_sha256[:8]}"
     refine = "full" if keep_rate >= 1.0 or not refine_layers else f"k{keep_rate:g}-l{'.'.join(map(str, refine_layers))}"
@@ -392,11 +395,12 @@ class SlideEmbedder:
         self.encoder = Encoder(model, cfg, device, precision, context)
         self.model_id = make_model_id(cfg.model, model.weights_sha256, self.encoder.keep_rate,
                                       self.encoder.refine_layers, context.sha256 if context else None,
-                                      model.adapter_sha256)
+                                      model.adapter_sha256, model.definition_sha256("image"))
         self.base_attrs = {
             "model_name": cfg.model,
             "model_id": self.model_id,
             "weights_sha256": model.weights_sha256 or f"none (random init, seed {RANDOM_INIT_SEED})",
+            "definition_sha256": model.definition_sha256("image") or "none (defined by the code)",
             "embed_dim": int(model.embed_dim),
             "projected": False,
             "normalized": False,

@@ -164,6 +164,15 @@ class ConchConVLM(ConVLM):
         emb = text(tokens.to(text.token_embedding.weight.device))
         return F.normalize(emb, dim=-1) if normalize else emb
 
+    def definition_files(self, part: str) -> list[Path]:
+        """The tokenizer file for the text (found as :meth:`tokenize` finds it); the image is the code's."""
+        if part != "text":
+            return []
+        try:
+            return [find_tokenizer(self.weights_path)]
+        except CheckpointError:
+            return []  # tokenize will say why
+
     def tokenize(self, texts: Sequence[str] | str) -> torch.Tensor:
         if self._tokenizer is None:
             path = find_tokenizer(self.weights_path)

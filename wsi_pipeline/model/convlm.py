@@ -36,6 +36,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -203,6 +204,23 @@ class ConVLM(nn.Module):
     def projection_matrix(self) -> torch.Tensor:
         """The image projection ``(embed_dim, proj_dim)``: ``project(x) == normalize(x @ M)``."""
         raise NotImplementedError
+
+    def definition_files(self, part: str) -> list[Path]:
+        """Files besides the weights that define the model's ``part``: ``"image"`` (what the
+        features depend on) or ``"text"`` (what the text embeddings depend on). None for models
+        whose code defines them; a released folder's config and tokenizer files otherwise."""
+        return []
+
+    def definition_sha256(self, part: str) -> str | None:
+        """sha256 over the names and bytes of :meth:`definition_files`, or ``None`` when there are
+        none: keys that must change when such a file does (feature ``model_id``, text cache)."""
+        files = self.definition_files(part)
+        if not files:
+            return None
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        return h.hexdigest()
 
     def projection_sha256(self) -> str:
         """sha256 of the projection matrix (fp32, C order): ties stored embeddings to the projection

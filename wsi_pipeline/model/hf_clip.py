@@ -65,6 +65,9 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 #: Weights files looked for in a folder, in order of preference.
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+#: Files of a folder that decide its tokenisation (see :meth:`HfClipConVLM.definition_files`).
+DEFINING_TEXT_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                       "merges.txt")
 
 #: transformers' ``CLIPTextConfig`` / ``CLIPVisionConfig`` defaults for the fields used here.
 TEXT_DEFAULTS: dict[str, Any] = {
@@ -283,6 +286,12 @@ class HfClipConVLM(OpenClipConVLM):
         self.folder = folder
         self.weights_file = str(weights_file)
         self._tokenizer: JsonTokenizer | None = None
+
+    def definition_files(self, part: str) -> list[Path]:
+        """``config.json`` (both towers: activation, sizes) and, for the image, the preprocessor
+        config (mean, std); for the text, the tokenizer files. Those present, in a fixed order."""
+        names = (CONFIG_FILE, PREPROCESSOR_FILE) if part == "image" else (CONFIG_FILE, *DEFINING_TEXT_FILES)
+        return [self.folder / n for n in names if (self.folder / n).is_file()]
 
     def convert_state_dict(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """transformers' ``CLIPModel`` keys → this model's (open_clip) keys; see :func:`convert_hf_state_dict`."""

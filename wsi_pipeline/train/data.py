@@ -1,7 +1,9 @@
 """Training data: labelled ROI patches, a class-balanced sampler and seeded augmentation.
 
 ROI sources are either an *ImageFolder* layout (``ROI_DIR/<class>/<image>``) or a CSV with
-columns ``path,label`` (relative paths are taken relative to the CSV's folder). Images are
+columns ``path,label`` (relative paths are taken relative to the CSV's folder) and, optionally,
+``slide``: patches of one slide then go to training or validation together (never both: patches
+cut from one slide, often overlapping, would make validation a test on training tissue). Images are
 read once, resized with :func:`wsi_pipeline.embed.dataset.resize_patches` (the resize the
 embed stage uses) and kept in memory as ``uint8`` ``(N, 3, S, S)``. Augmentation works on
 those ``uint8`` batches, so train and inference images go through the same
@@ -41,6 +43,7 @@ class RoiTable:
     paths: tuple[Path, ...]
     labels: tuple[str, ...]
     source: str
+    slides: tuple[str, ...] | None = None  # the slide each ROI was cut from (CSV column ``slide``)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -86,6 +89,7 @@ def _csv_table(path: Path) -> RoiTable:
     rows = read_csv_table(path, "ROI CSV", ("path", "label"))
     if not rows:
         raise ConfigError(f"ROI CSV {path} has no rows")
+    slides = _slide_column(path)
     paths, labels = [], []
     for line, row in rows:
         p, lab = row["path"], row["label"]
@@ -98,7 +102,21 @@ def _csv_table(path: Path) -> RoiTable:
             )
         paths.append(full)
         labels.append(lab)
-    return RoiTable(tuple(paths), tuple(labels), str(path))
+    return RoiTable(tuple(paths), tuple(labels), str(path), slides)
+
+
+def _slide_column(path: Path) -> tuple[str, ...] | None:
+    """The optional ``slide`` column of a ROI CSV (every cell filled), or ``None`` without one."""
+    try:
+        rows = read_csv_table(path, "ROI CSV", ("path", "label", "slide"))
+    except ConfigError as e:
+        if "needs a header with columns" in str(e):
+            return None  # no slide column: images are split one by one
+        raise
+    empty = [line for line, row in rows if not row["slide"]]
+    if empty:
+        raise ConfigError(f"{where('ROI CSV', path, empty[0])}: empty slide (give every row its slide, or none)")
+    return tuple(row["slide"] for _, row in rows)
 
 
 def read_images(paths: Sequence[Path], size: int) -> torch.Tensor:
@@ -114,13 +132,17 @@ def read_images(paths: Sequence[Path], size: int) -> torch.Tensor:
     return out
 
 
-def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: Sequence[int], fraction: float, seed: int,
+                     slides: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, val)``: ``round(fraction * n_c)`` of each class go to validation.
 
     A class with one image stays in training. ``fraction == 0`` gives an empty validation set.
+    With ``slides``, whole slides go to validation (see :func:`slide_split`).
     """
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"validation fraction must be in [0, 1), got {fraction}")
+    if slides is not None:
+        return slide_split(labels, fraction, seed, slides)
     y = np.asarray(labels)
     rng = np.random.default_rng([int(seed), 7])
     val: list[int] = []
@@ -129,6 +151,31 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
         n_val = min(int(round(fraction * len(idx))), len(idx) - 1)
         if n_val > 0:
             val += rng.permutation(idx)[:n_val].tolist()
+    val_idx = np.array(sorted(val), dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(y)), val_idx)
+    return train_idx, val_idx
+
+
+def slide_split(labels: Sequence[int], fraction: float, seed: int,
+                slides: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, val)`` with every slide's images on one side: slides in a seeded
+    order go to validation while they keep it within ``round(fraction * n)`` images and leave
+    every class at least one training image. No slide is in both."""
+    y, g = np.asarray(labels), np.asarray(slides)
+    if len(g) != len(y):
+        raise ConfigError(f"{len(g)} slides for {len(y)} images")
+    target = int(round(fraction * len(y)))
+    rng = np.random.default_rng([int(seed), 11])
+    left = {c: int((y == c).sum()) for c in np.unique(y)}
+    val: list[int] = []
+    for slide in rng.permutation(np.unique(g)):
+        idx = np.flatnonzero(g == slide)
+        taken = {c: int((y[idx] == c).sum()) for c in np.unique(y[idx])}
+        if len(val) + len(idx) > target or any(left[c] - k < 1 for c, k in taken.items()):
+            continue
+        val += idx.tolist()
+        for c, k in taken.items():
+            left[c] -= k
     val_idx = np.array(sorted(val), dtype=np.int64)
     train_idx = np.setdiff1d(np.arange(len(y)), val_idx)
     return train_idx, val_idx
@@ -236,5 +283,6 @@ __all__ = [
     "epoch_order",
     "load_roi_table",
     "read_images",
+    "slide_split",
     "stratified_split",
 ]

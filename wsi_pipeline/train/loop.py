@@ -190,7 +190,7 @@ def train_model(cfg: TrainConfig, progress: TrainProgress | None = None) -> Trai
                                   "adapter on it with --adapter-only")
         images = read_images(table.paths, model.input_size)
         labels = torch.tensor([classes.index(lab) for lab in table.labels], dtype=torch.long)
-        train_idx, val_idx = stratified_split(labels.tolist(), cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = stratified_split(labels.tolist(), cfg.val_fraction, cfg.seed, table.slides)
         _logger.info("%d ROIs from %s (%s); %d train, %d validation", len(table), table.source,
                      ", ".join(f"{k} {v}" for k, v in table.counts().items()), len(train_idx), len(val_idx))
         history, heads = _fit(model, images, labels, torch.from_numpy(train_idx), torch.from_numpy(val_idx),
