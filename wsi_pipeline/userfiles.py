@@ -31,14 +31,16 @@ def read_text(path: str | os.PathLike[str], what: str) -> str:
 
 
 def read_csv_table(path: str | os.PathLike[str], what: str, columns: Sequence[str],
-                   optional: Sequence[str] | None = None) -> list[tuple[int, dict[str, str]]]:
+                   optional: Sequence[str] | None = None,
+                   also: Sequence[str] = ()) -> list[tuple[int, dict[str, str]]]:
     """Rows of a CSV whose header has ``columns``: ``(line number, {column: stripped cell})``.
 
     Header names are matched stripped and case-insensitively (``-`` reads as ``_``), a UTF-8
     byte-order mark is ignored and rows whose cells are all empty are skipped. Other columns
     are ignored, unless ``optional`` is given: then the header may hold only ``columns`` and
     ``optional`` (a typo is an error, not a silently ignored column), and the optional
-    columns present are returned too. A row with more filled cells than the header has
+    columns present are returned too. ``also``: columns returned when the header has them,
+    other columns still ignored. A row with more filled cells than the header has
     columns (an unquoted decimal comma) is an error. ``what`` names the file in messages
     (``"labels CSV"``).
     """
@@ -57,6 +59,7 @@ def read_csv_table(path: str | os.PathLike[str], what: str, columns: Sequence[st
                 raise ConfigError(f"{what} {p}: unknown columns {', '.join(map(repr, unknown))} "
                                   f"(allowed besides {', '.join(columns)}: {', '.join(optional)})")
             wanted += [c for c in optional if c in header]
+        wanted += [c for c in also if c in header and c not in wanted]
         index = {c: header.index(c) for c in wanted}
         rows = []
         for cells in reader:

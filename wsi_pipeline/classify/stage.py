@@ -169,13 +169,13 @@ def classify_slides(
     label_map = load_labels(labels, prompts.class_names) if labels is not None else None
     if prompt_sets and label_map is None:
         raise ConfigError("--prompt-sets needs --labels: robustness is the balanced accuracy of each prompt set")
-    if inputs is None and not find_coords_files(out_dir):  # before the folder is made: nothing written
+    coords_files = find_coords_files(out_dir) if inputs is None else []
+    if inputs is None and not coords_files:  # before the folder is made: nothing written
         raise ConfigError(f"{Path(out_dir) / 'coords'} holds no coords files; give slide paths so they are tiled first")
     out = ensure_writable_dir(out_dir)
     paths: list[Path] | None = None
     tile_failed: dict[str, str] = {}
     if inputs is None:
-        coords_files = find_coords_files(out)
         tiling_used = _tiling_of(coords_files, tiling)
         # slides whose tiling failed have no coords file, but stay in the run as failed rows
         tile_failed = {sid: f"tile: {row['reason']}" for sid, row in latest_status(out, "tile").items()

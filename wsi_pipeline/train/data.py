@@ -86,10 +86,10 @@ def _image_folder(root: Path) -> RoiTable:
 
 
 def _csv_table(path: Path) -> RoiTable:
-    rows = read_csv_table(path, "ROI CSV", ("path", "label"))
+    rows = read_csv_table(path, "ROI CSV", ("path", "label"), also=("slide",))
     if not rows:
         raise ConfigError(f"ROI CSV {path} has no rows")
-    slides = _slide_column(path)
+    slides = _slide_column(path, rows)
     paths, labels = [], []
     for line, row in rows:
         p, lab = row["path"], row["label"]
@@ -105,14 +105,11 @@ def _csv_table(path: Path) -> RoiTable:
     return RoiTable(tuple(paths), tuple(labels), str(path), slides)
 
 
-def _slide_column(path: Path) -> tuple[str, ...] | None:
-    """The optional ``slide`` column of a ROI CSV (every cell filled), or ``None`` without one."""
-    try:
-        rows = read_csv_table(path, "ROI CSV", ("path", "label", "slide"))
-    except ConfigError as e:
-        if "needs a header with columns" in str(e):
-            return None  # no slide column: images are split one by one
-        raise
+def _slide_column(path: Path, rows: Sequence[tuple[int, dict[str, str]]]) -> tuple[str, ...] | None:
+    """The optional ``slide`` column of a ROI CSV's rows (every cell filled), or ``None`` without one
+    (images are then split one by one)."""
+    if not rows or "slide" not in rows[0][1]:
+        return None
     empty = [line for line, row in rows if not row["slide"]]
     if empty:
         raise ConfigError(f"{where('ROI CSV', path, empty[0])}: empty slide (give every row its slide, or none)")
