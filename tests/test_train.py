@@ -370,6 +370,10 @@ def test_fp16_save_and_frozen_text_tower(rois: Path, tmp_path: Path, trained: tu
             assert torch.equal(v, init[k].half().float()), k  # frozen: only the fp16 rounding differs
     assert not torch.equal(model.state_dict()["visual.blocks.0.attn.qkv.weight"],
                            init["visual.blocks.0.attn.qkv.weight"].half().float())
+    # the returned model is the saved file's (its sha256 names that file): equal weights, equal features
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert res.model.weights_sha256 == model.weights_sha256
 
 
 def test_cli_train_verb(rois: Path, tmp_path: Path) -> None:

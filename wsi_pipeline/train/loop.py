@@ -298,9 +298,15 @@ def _save(model: Any, heads: ClsRegressionHeads | None, out: Path, cfg: TrainCon
         sha = save_adapter(model, weights_path, dtype=SAVE_PRECISIONS[cfg.save_precision])
         base = {"base_weights": model.weights_path, "base_weights_sha256": model.weights_sha256}
     else:
-        to_save = model if cfg.save_precision == "fp32" else copy.deepcopy(model).to(SAVE_PRECISIONS[cfg.save_precision])
+        dtype = SAVE_PRECISIONS[cfg.save_precision]
+        to_save = model if cfg.save_precision == "fp32" else copy.deepcopy(model).to(dtype)
         weights_path = out / WEIGHTS_FILE
         sha = save_weights(to_save, weights_path)
+        if to_save is not model:  # the returned model is the file's: rounded as it was saved, same sha256
+            with torch.no_grad():
+                for t in model.state_dict().values():
+                    if t.is_floating_point():
+                        t.copy_(t.to(dtype))
         model.weights_sha256 = sha
         base = {}
     if heads is not None:
