@@ -24,7 +24,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ConfigError, CorruptOutputError
 from ..store.coords import read_coords, validate_coords
-from ..store.features import get_store, split_mismatch
+from ..store.features import as_coords, get_store, split_mismatch
 from ..store.provenance import model_provenance
 
 _logger = logging.getLogger(__name__)
@@ -141,8 +141,7 @@ def load_slide(out_dir: str | os.PathLike[str], coords_path: Path, feature_set: 
     if sf.attrs.get("complete") is not True:
         raise CorruptOutputError(f"features file {path} is incomplete (interrupted write); re-run embed")
     feats = np.asarray(sf.features)
-    read = np.asarray(sf.coords, dtype=np.int64).reshape(-1, 2)
-    failed = np.zeros((0, 2), np.int64) if sf.failed_coords is None else np.asarray(sf.failed_coords).reshape(-1, 2)
+    read, failed = as_coords(sf.coords), as_coords(sf.failed_coords)
     if feats.ndim != 2 or len(feats) != len(read) or split_mismatch(coords, read, failed) is not None:
         raise CorruptOutputError(f"features file {path} does not match the coords file row for row; re-run embed")
     if len(failed):

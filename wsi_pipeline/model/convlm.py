@@ -214,13 +214,14 @@ class ConVLM(nn.Module):
     def definition_sha256(self, part: str) -> str | None:
         """sha256 over the names and bytes of :meth:`definition_files`, or ``None`` when there are
         none: keys that must change when such a file does (feature ``model_id``, text cache)."""
-        files = self.definition_files(part)
-        if not files:
-            return None
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-        return h.hexdigest()
+        known = vars(self).setdefault("_definition_sha256", {})  # once per part: files may be MBs
+        if part not in known:
+            files = self.definition_files(part)
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+            known[part] = h.hexdigest() if files else None
+        return known[part]
 
     def projection_sha256(self) -> str:
         """sha256 of the projection matrix (fp32, C order): ties stored embeddings to the projection

@@ -99,7 +99,7 @@ class SlideFeatures:
         return int(self.attrs.get("n_failed_patches", 0) or 0)
 
 
-def _coords2(coords: np.ndarray | None) -> np.ndarray:
+def as_coords(coords: np.ndarray | None) -> np.ndarray:
     """``coords`` as (n, 2) int64; ``None`` is the empty (0, 2) array."""
     return np.zeros((0, 2), np.int64) if coords is None else np.asarray(coords, dtype=np.int64).reshape(-1, 2)
 
@@ -159,7 +159,7 @@ def _h5_write(
             c = f.create_dataset("coords", data=coords.astype(np.int64, copy=False).reshape(-1, 2))
             for k, v in coords_attrs.items():
                 c.attrs[k] = _h5able(v)
-            f.create_dataset(FAILED_COORDS, data=_coords2(failed_coords))
+            f.create_dataset(FAILED_COORDS, data=as_coords(failed_coords))
             if embeddings is not None:
                 e = f.create_dataset(EMBEDDINGS, data=embeddings.values.astype(np.float16, copy=False))
                 for k, v in embeddings.attrs().items():
@@ -241,7 +241,7 @@ def _zarr_write(
         c = group.create_array("coords", data=coords.astype(np.int64, copy=False).reshape(-1, 2),
                                chunks=(max(1, min(n, 65536)), 2), config=every)
         c.attrs.update({k: jsonable(v) for k, v in coords_attrs.items()})
-        failed = _coords2(failed_coords)
+        failed = as_coords(failed_coords)
         group.create_array(FAILED_COORDS, data=failed, chunks=(max(1, min(len(failed), 65536)), 2), config=every)
         if embeddings is not None:
             vals = embeddings.values.astype(np.float16, copy=False)
@@ -367,12 +367,12 @@ class FeatureStore:
         reason = _schema_mismatch(sf)
         if reason is not None:
             return reason
-        coords, failed = _coords2(sf.coords), _coords2(sf.failed_coords)
+        coords, failed = as_coords(sf.coords), as_coords(sf.failed_coords)
         if sf.features.ndim != 2 or sf.features.shape[0] != len(coords):
             return f"holds {sf.features.shape[0] if sf.features.ndim else '?'} features for {len(coords)} coords"
         if int(sf.attrs.get("n_failed_patches", 0) or 0) != len(failed):
             return f"n_failed_patches={sf.attrs.get('n_failed_patches')} but {len(failed)} failed_coords"
-        reason = split_mismatch(_coords2(expected_coords), coords, failed)
+        reason = split_mismatch(as_coords(expected_coords), coords, failed)
         if reason is not None:
             return reason
         if not np.all(np.isfinite(sf.features)):
